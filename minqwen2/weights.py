@@ -1,0 +1,381 @@
+"""Loading a checkpoint: safetensors files → float32 NumPy arrays, checked against the config.
+
+A Hugging Face model directory stores its weights as safetensors: either one
+``model.safetensors`` or several shards listed in ``model.safetensors.index.json``.
+The format is deliberately simple, so we read it ourselves (the ``safetensors`` package
+cannot hand NumPy a bfloat16 array):
+
+    [8 bytes: N, little-endian u64][N bytes: JSON header][raw tensor bytes ...]
+
+The header maps each tensor name to ``{"dtype": "BF16", "shape": [896, 4864],
+"data_offsets": [begin, end]}``, offsets counted from the end of the header.
+
+Why read it by hand?
+
+* **Memory mapping.** ``np.memmap`` maps the file instead of copying it: a float32
+  checkpoint costs no RAM until a weight is touched, and then only the page cache, so
+  peak memory is the weights' size and not twice that.
+* **bfloat16.** NumPy has no bfloat16, and published Qwen2 checkpoints are bf16. A bf16
+  number is the top 16 bits of a float32, so widening it is a shift:
+  ``(bits.astype(uint32) << 16).view(float32)`` — exact, and no torch needed.
+* **Errors that help.** Every check names the file, the tensor and what was expected,
+  and everything is checked (headers, sizes, names, shapes) before any data is read, so
+  a bad checkpoint never leaves a half-loaded model.
+
+Only safetensors is read: pickle-based ``.bin`` files can run arbitrary code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minqwen2.config import Qwen2Config
+from minqwen2.errors import WeightsError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype name -> (NumPy dtype of the stored bits, bytes per element)
+_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),  # raw bits; widened to float32 by bf16_to_float32
+}
+
+
+# --------------------------------------------------------------------------- bf16
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits (uint16) to float32, exactly.
+
+    bfloat16 keeps float32's sign and 8 exponent bits and the top 7 mantissa bits, so
+    putting its 16 bits in the high half of a 32-bit word *is* the float32 value.
+    """
+    assert bits.dtype == np.uint16, bits.dtype
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# ----------------------------------------------------------------- file reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and byte range (absolute offsets)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; read no tensor data.
+
+    Raises :class:`WeightsError` for a truncated file, a corrupt header, an unsupported
+    dtype, or byte ranges that do not fit the shapes or the file.
+    """
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(
+                f"{path}: truncated ({size} bytes): not even the 8-byte header length is there"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise WeightsError(
+                f"{path}: corrupt or truncated: the header claims {n} bytes but the file has {size} bytes"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: corrupt header: not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt header: expected a JSON object")
+    header.pop("__metadata__", None)
+
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
+        if dtype not in _DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPES)}")
+        info = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+        if end - begin != info.numel * _DTYPES[dtype][1] or begin < 0:
+            raise WeightsError(
+                f"{path}: corrupt header: tensor {name!r} of shape {list(shape)} {dtype} "
+                f"should span {info.numel * _DTYPES[dtype][1]} bytes, not {end - begin}"
+            )
+        if end > data_size:
+            raise WeightsError(
+                f"{path}: truncated: tensor {name!r} needs bytes up to {data_start + end} "
+                f"but the file has only {size} bytes"
+            )
+        tensors[name] = info
+    return tensors
+
+
+def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint directory: one file, or the shards of an index."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    single = model_dir / SINGLE_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise WeightsError(
+                f"{index}: corrupt index: expected a JSON object with a 'weight_map'"
+            ) from None
+        tensors: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = model_dir / shard
+            if not shard_path.is_file():
+                names = [k for k, v in weight_map.items() if v == shard]
+                raise WeightsError(
+                    f"{index} lists shard {shard!r} (holding {len(names)} tensors, e.g. {names[0]!r}) "
+                    f"but {shard_path} does not exist"
+                )
+            for name, info in read_header(shard_path).items():
+                if weight_map.get(name) == shard:
+                    tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise WeightsError(
+                f"{index}: tensor {missing[0]!r} is mapped to {weight_map[missing[0]]!r}, "
+                f"which does not contain it ({len(missing)} such tensors)"
+            )
+        return tensors
+    if single.is_file():
+        return read_header(single)
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    hint = (
+        f" (found {', '.join(pickles)}: pickle files are not loaded, since unpickling can run code; "
+        "re-save the model with safetensors)"
+        if pickles
+        else ""
+    )
+    raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def read_tensor(info: TensorInfo, mmap: np.memmap | None = None) -> np.ndarray:
+    """The tensor as float32: a zero-copy memory map for F32, a widened copy otherwise."""
+    stored, _ = _DTYPES[info.dtype]
+    if mmap is None:
+        mmap = np.memmap(info.file, dtype=np.uint8, mode="r")
+    raw = mmap[info.begin : info.end].view(stored).reshape(info.shape)
+    if info.dtype == "F32":
+        return raw
+    if info.dtype == "BF16":
+        return bf16_to_float32(raw)
+    return raw.astype(np.float32)  # F16: every float16 is exactly a float32
+
+
+# --------------------------------------------------------- what a model needs
+
+
+def expected_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name (HF's) a checkpoint of ``config`` must hold, with its shape.
+
+    ``lm_head.weight`` is listed only for untied models. MoE experts are listed per expert,
+    as published checkpoints store them; :func:`load_weights` stacks them.
+    """
+    c = config
+    C, D, H, K = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, C),
+        "model.norm.weight": (C,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, C)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (C,)
+        shapes[p + "post_attention_layernorm.weight"] = (C,)
+        shapes[p + "self_attn.q_proj.weight"] = (H * D, C)
+        shapes[p + "self_attn.k_proj.weight"] = (K * D, C)
+        shapes[p + "self_attn.v_proj.weight"] = (K * D, C)
+        shapes[p + "self_attn.o_proj.weight"] = (C, H * D)
+        if c.qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (H * D,)
+            shapes[p + "self_attn.k_proj.bias"] = (K * D,)
+            shapes[p + "self_attn.v_proj.bias"] = (K * D,)
+        if c.is_moe_layer(i):
+            E, I, S = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (E, C)
+            for e in range(E):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (I, C)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (I, C)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (C, I)
+            shapes[p + "mlp.shared_expert.gate_proj.weight"] = (S, C)
+            shapes[p + "mlp.shared_expert.up_proj.weight"] = (S, C)
+            shapes[p + "mlp.shared_expert.down_proj.weight"] = (C, S)
+            shapes[p + "mlp.shared_expert_gate.weight"] = (1, C)
+        else:
+            F = c.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (F, C)
+            shapes[p + "mlp.up_proj.weight"] = (F, C)
+            shapes[p + "mlp.down_proj.weight"] = (C, F)
+    return shapes
+
+
+def _fused_expert_names(tensors: Mapping[str, TensorInfo], config: Qwen2Config) -> dict[str, TensorInfo]:
+    """Accept HF-5's in-memory fused expert tensors too, by describing them per expert.
+
+    transformers 5 keeps experts as ``mlp.experts.gate_up_proj (E, 2I, C)`` and
+    ``mlp.experts.down_proj (E, C, I)``; a checkpoint written that way is rare but valid.
+    Nothing is read here: we only check those two tensors exist and have the right shape.
+    """
+    found: dict[str, TensorInfo] = {}
+    E, I, C = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        if p + "gate_up_proj" in tensors and p + "down_proj" in tensors:
+            for name, shape in ((p + "gate_up_proj", (E, 2 * I, C)), (p + "down_proj", (E, C, I))):
+                if tensors[name].shape != shape:
+                    raise WeightsError(
+                        f"{tensors[name].file}: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                        f"expected {list(shape)}"
+                    )
+                found[name] = tensors[name]
+    return found
+
+
+def available_memory() -> int:
+    """Bytes of RAM this process can still use (Linux: MemAvailable; else total RAM)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if sys.platform == "darwin" or hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def load_weights(model_dir: str | Path, config: Qwen2Config) -> dict[str, np.ndarray]:
+    """Read a checkpoint into float32 arrays keyed by HF's names, after checking it all.
+
+    * Every expected tensor must be present with its exact shape (errors name the file,
+      the tensor and the expected shape).
+    * Tied embeddings: with ``tie_word_embeddings: true`` the embedding doubles as
+      ``lm_head.weight`` — unless the checkpoint holds its own head, which HF 5.24 then
+      keeps (shared reference §10), and so do we. With ``false`` a missing head is an
+      error: HF would silently initialise a random one.
+    * MoE experts come back stacked as HF 5.24's modules hold them:
+      ``mlp.experts.gate_up_proj (E, 2I, C)`` (gate rows, then up rows) and
+      ``mlp.experts.down_proj (E, C, I)``.
+    * A checkpoint whose float32 size exceeds the available memory is refused first.
+    """
+    model_dir = Path(model_dir)
+    tensors = find_tensors(model_dir)
+    expected = expected_shapes(config)
+    where = (model_dir / INDEX_FILE) if (model_dir / INDEX_FILE).is_file() else (model_dir / SINGLE_FILE)
+
+    fused = _fused_expert_names(tensors, config) if config.is_moe else {}
+    for name, shape in expected.items():
+        if ".mlp.experts." in name and name.rsplit(".experts.", 1)[0] + ".experts.gate_up_proj" in fused:
+            continue
+        if name not in tensors:
+            if name == "lm_head.weight":
+                raise WeightsError(
+                    f"{where}: tensor 'lm_head.weight' is missing and config.json has "
+                    "tie_word_embeddings: false (HF would silently use a random head); expected a "
+                    f"[{config.vocab_size}, {config.hidden_size}] tensor, or tie_word_embeddings: true"
+                )
+            raise WeightsError(f"{where}: tensor {name!r} is missing; expected shape {list(shape)}")
+        if tensors[name].shape != shape:
+            raise WeightsError(
+                f"{tensors[name].file}: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                f"expected {list(shape)} from {config.source}"
+            )
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        if tensors["lm_head.weight"].shape != (config.vocab_size, config.hidden_size):
+            raise WeightsError(
+                f"{tensors['lm_head.weight'].file}: tensor 'lm_head.weight' has shape "
+                f"{list(tensors['lm_head.weight'].shape)}, expected {[config.vocab_size, config.hidden_size]}"
+            )
+        expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    unexpected = sorted(set(tensors) - set(expected) - set(fused))
+    if unexpected:
+        warnings.warn(
+            f"{where}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]!r}",
+            stacklevel=2,
+        )
+
+    needed = sum(tensors[n].numel * 4 for n in list(expected) + list(fused) if n in tensors)
+    free = available_memory()
+    if needed > free:
+        raise WeightsError(
+            f"{model_dir}: the weights need {needed / 2**30:.2f} GiB as float32 but only "
+            f"{free / 2**30:.2f} GiB of memory is available; use a smaller model "
+            "(see `minqwen2 models`) or the MLX backend with --bits 4"
+        )
+
+    # Everything checked: now read (memory-mapped, one map per file).
+    maps: dict[Path, np.memmap] = {}
+
+    def read(name: str) -> np.ndarray:
+        info = tensors[name]
+        if info.file not in maps:
+            maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+        return read_tensor(info, maps[info.file])
+
+    weights = {name: read(name) for name in expected if name in tensors and ".mlp.experts." not in name}
+    if config.tie_word_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    for i in range(config.num_hidden_layers):
+        if not config.is_moe_layer(i):
+            continue
+        p = f"model.layers.{i}.mlp.experts."
+        if p + "gate_up_proj" in fused:
+            weights[p + "gate_up_proj"] = np.ascontiguousarray(read(p + "gate_up_proj"))
+            weights[p + "down_proj"] = np.ascontiguousarray(read(p + "down_proj"))
+            continue
+        experts = range(config.num_experts)
+        # (E, 2I, C): each expert's gate rows then its up rows, as HF 5.24's fused parameter.
+        weights[p + "gate_up_proj"] = np.stack(
+            [
+                np.concatenate([read(f"{p}{e}.gate_proj.weight"), read(f"{p}{e}.up_proj.weight")])
+                for e in experts
+            ]
+        )
+        weights[p + "down_proj"] = np.stack([read(f"{p}{e}.down_proj.weight") for e in experts])  # (E, C, I)
+    return weights
+
+
+def submodule(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The tensors under ``prefix`` with the prefix removed (a module's own state_dict).
+
+    ``submodule(w, "model.layers.3.self_attn.")`` gives ``{"q_proj.weight": ..., ...}``,
+    the names HF's ``Qwen2Attention.state_dict()`` uses.
+    """
+    return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
