@@ -1,0 +1,65 @@
+"""The feed-forward block: a SwiGLU MLP, applied to every token independently.
+
+After attention has mixed information *between* tokens, the MLP transforms each token's
+vector on its own. Qwen2 uses the gated form (SwiGLU)::
+
+    out = down_proj( silu(gate_proj(x)) * up_proj(x) )
+    silu(z) = z * sigmoid(z) = z / (1 + exp(-z))
+
+``up_proj`` lifts the vector from C to F dimensions, ``gate_proj`` computes a second
+F-vector that, through SiLU, decides how much of each up-projected feature passes, and
+``down_proj`` brings the result back to C. There are no biases (unlike Qwen2's q/k/v
+projections), so the MLP maps the zero vector to zero.
+
+The same block, with its own widths, serves as each expert of the Qwen2-MoE layer and as
+its shared expert (``moe.py``).
+
+Shape legend: C hidden size, F intermediate (MLP) width; ``...`` any leading axes
+(B batch, T tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """SiLU (a.k.a. swish): ``x * sigmoid(x) = x / (1 + exp(-x))``. Shape-preserving.
+
+    For x below about -88, ``exp(-x)`` overflows float32 to ``inf`` and ``x / inf`` is
+    ``-0.0`` — exactly the limit of silu, so the overflow is harmless and its warning is
+    silenced rather than worked around.
+    """
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+class MLP:
+    """Qwen2's SwiGLU MLP with HF ``Qwen2MLP`` state_dict keys.
+
+    ``weights``: ``gate_proj.weight (F, C)``, ``up_proj.weight (F, C)``,
+    ``down_proj.weight (C, F)`` — torch layout ``(out, in)``, so ``y = x @ W.T``.
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
+        gate = np.asarray(weights["gate_proj.weight"], dtype=np.float32)  # (F, C)
+        up = np.asarray(weights["up_proj.weight"], dtype=np.float32)  # (F, C)
+        down = np.asarray(weights["down_proj.weight"], dtype=np.float32)  # (C, F)
+        assert gate.shape == up.shape and down.shape == gate.shape[::-1], (gate.shape, up.shape, down.shape)
+        self.hidden_size, self.intermediate_size = gate.shape[1], gate.shape[0]
+        # gate and up read the same x, so they are one matmul against the stacked weights:
+        # rows [:F] are gate_proj, rows [F:] are up_proj. Unfused, this is
+        #     gate, up = x @ gate.T, x @ up.T
+        # One larger matmul runs faster than two (markedly so for single-token decoding).
+        self.gate_up_proj = np.concatenate([gate, up], axis=0)  # (2F, C)
+        self.down_proj = down  # (C, F)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        assert x.shape[-1] == self.hidden_size and x.dtype == np.float32, (x.shape, x.dtype)
+        gate_up = x @ self.gate_up_proj.T  # (..., 2F)
+        gate, up = np.split(gate_up, 2, axis=-1)  # (..., F) each
+        out = (silu(gate) * up) @ self.down_proj.T  # (..., F) -> (..., C)
+        assert out.shape == x.shape and out.dtype == np.float32
+        return out
