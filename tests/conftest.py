@@ -70,3 +70,22 @@ def real_hf_model(real_model_dir):
     yield model
     del model
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    """minqwen2's NumPy model on the default model (float32, memory-mapped weights)."""
+    import minqwen2
+
+    model = minqwen2.load_model(real_model_dir, backend="numpy")
+    yield model
+    del model
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def real_hf_tokenizer(real_model_dir):
+    """HF's ``AutoTokenizer`` on the default model's files (the reference for token ids)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_model_dir)

@@ -113,3 +113,24 @@ def rewrite_config(directory: Path, **changes: Any) -> None:
         else:
             data[key] = value
     path.write_text(json.dumps(data, indent=2))
+
+
+def as_reference(model):
+    """Switch an HF model to its plain kernels: eager attention, and the eager expert loop.
+
+    HF's default MoE kernel (torch ``grouped_mm``) refuses odd widths ("strides should be
+    multiple of 16 bytes") — exactly the sizes our tests use. The kernels differ only in
+    summation order (shared reference §1, §9).
+    """
+    model.set_attn_implementation("eager")
+    if getattr(model.config, "model_type", "") == "qwen2_moe":
+        model.set_experts_implementation("eager")
+    return model.eval()
+
+
+def load_hf(path: Path):
+    """HF's own load of a checkpoint directory, float32, with the reference kernels."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return as_reference(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
