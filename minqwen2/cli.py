@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
+        "chat",
+        help="interactive multi-turn chat (/help inside lists the commands)",
+        description="Chat with a model in the terminal. The KV cache is kept across turns, so each "
+        "turn reads only its new tokens. Type /help in the chat for the commands.",
+    )
+    p.add_argument("--plain", action="store_true", help="print replies as plain text, not rendered Markdown")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
         "generate",
         help="one-shot generation: the reply on stdout, stats on stderr",
         description="Generate a reply to one prompt. Only the generated text goes to stdout; "
@@ -58,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to create")
     p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="weights dtype (default: f32)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(4, 8),
+        help="write a quantized MLX checkpoint instead (group size 64; --dtype sets the scales' dtype); "
+        "GGUF_FILE may then also be an HF-layout model directory",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -228,12 +245,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import secrets
+
+    from minqwen2.chat import ChatApp, ChatSession
+    from minqwen2.loader import default_backend
+    from minqwen2.registry import resolve_model
+    from minqwen2.sampling import GenerationError
+
+    if args.max_tokens < 1:
+        raise GenerationError(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
+    path = resolve_model(args.model)  # a missing model names the command that installs it
+    sampling = sampling_from_args(args, path)
+    if not (path / "tokenizer.json").is_file():
+        raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 chat` needs one")
+    model, tokenizer = load_with_progress(args, path)
+    # With sampling and no --seed, pick one and show it, so a conversation can be replayed.
+    seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
+    session = ChatSession(
+        model, tokenizer, system=args.system, sampling=sampling, seed=seed, max_tokens=args.max_tokens,
+        stop=args.stop,
+    )  # fmt: skip
+    backend = args.backend or default_backend()
+    dtype = args.dtype or ("float32" if backend == "numpy" else "bfloat16")
+    bits = f", {args.bits}-bit" if args.bits else ""
+    app = ChatApp(session, markdown=not args.plain, description=f"{path.name} ({backend}, {dtype}{bits})")
+    return app.run()
+
+
 # ------------------------------------------------------------------ convert, install-default, download
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from minqwen2.gguf_convert import convert_gguf
 
+    if args.bits is not None:  # MLX-quantized checkpoint (minqwen2/quantize_mlx.py)
+        from minqwen2.quantize_mlx import convert_quantized
+
+        out = convert_quantized(args.gguf, args.out_dir, bits=args.bits, dtype=args.dtype, force=args.force)
+        print(f"quantized {args.gguf} to {args.bits} bits → {out}", file=sys.stderr)
+        return 0
     out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, force=args.force)
     print(f"converted {args.gguf} → {out}", file=sys.stderr)
     return 0

@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+# The course's exercise switch: `pytest tests/test_rmsnorm.py --exercise lessons/exercises/02_rmsnorm.py`
+# (or MINQWEN2_EXERCISE=...) runs the tests against a student's exercise; see tests/exercise_fixture.py.
+from exercise_fixture import exercise, pytest_addoption, pytest_configure, pytest_report_header  # noqa: F401, E402
 from hypothesis import HealthCheck, settings
 
 from minqwen2.paths import default_model_dir, weights_dir
