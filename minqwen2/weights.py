@@ -40,6 +40,7 @@ import numpy as np
 
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
+from minqwen2.registry import checkpoint_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -200,46 +201,11 @@ def read_tensor(info: TensorInfo, mmap: np.memmap | None = None) -> np.ndarray:
 def expected_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor name (HF's) a checkpoint of ``config`` must hold, with its shape.
 
-    ``lm_head.weight`` is listed only for untied models. MoE experts are listed per expert,
-    as published checkpoints store them; :func:`load_weights` stacks them.
+    The list itself is :func:`minqwen2.registry.checkpoint_tensors` (lesson 00 builds it):
+    ``lm_head.weight`` only for untied models, MoE experts one tensor per expert as
+    published checkpoints store them (:func:`load_weights` stacks them).
     """
-    c = config
-    C, D, H, K = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (c.vocab_size, C),
-        "model.norm.weight": (C,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, C)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (C,)
-        shapes[p + "post_attention_layernorm.weight"] = (C,)
-        shapes[p + "self_attn.q_proj.weight"] = (H * D, C)
-        shapes[p + "self_attn.k_proj.weight"] = (K * D, C)
-        shapes[p + "self_attn.v_proj.weight"] = (K * D, C)
-        shapes[p + "self_attn.o_proj.weight"] = (C, H * D)
-        if c.qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (H * D,)
-            shapes[p + "self_attn.k_proj.bias"] = (K * D,)
-            shapes[p + "self_attn.v_proj.bias"] = (K * D,)
-        if c.is_moe_layer(i):
-            E, I, S = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
-            shapes[p + "mlp.gate.weight"] = (E, C)
-            for e in range(E):
-                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (I, C)
-                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (I, C)
-                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (C, I)
-            shapes[p + "mlp.shared_expert.gate_proj.weight"] = (S, C)
-            shapes[p + "mlp.shared_expert.up_proj.weight"] = (S, C)
-            shapes[p + "mlp.shared_expert.down_proj.weight"] = (C, S)
-            shapes[p + "mlp.shared_expert_gate.weight"] = (1, C)
-        else:
-            F = c.intermediate_size
-            shapes[p + "mlp.gate_proj.weight"] = (F, C)
-            shapes[p + "mlp.up_proj.weight"] = (F, C)
-            shapes[p + "mlp.down_proj.weight"] = (C, F)
-    return shapes
+    return checkpoint_tensors(config)
 
 
 def _fused_expert_names(tensors: Mapping[str, TensorInfo], config: Qwen2Config) -> dict[str, TensorInfo]:
