@@ -1,0 +1,209 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Lesson 07 — the KV cache
+#
+# **Why.** A decoder writes one token at a time, and token t attends to the keys and values
+# of tokens 0..t. Those depend only on earlier tokens (attention is causal), so they never
+# change once computed. Without a cache, each new token runs the model over the whole
+# sequence again: step t costs t tokens' work, and n tokens cost about n²/2. With a cache,
+# each layer keeps its keys and values, and a step runs the model on *one* token and
+# attends over what is held. The first pass over the prompt (**prefill**) fills the cache;
+# every later step (**decode**) appends one row. The figure measures one generation step
+# of a small random Qwen2 (4 layers, 62M parameters) with and without the cache. At short
+# contexts the step without a cache grows more slowly than S: reading the weights, not the
+# arithmetic, sets its time — the subject of the last section.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from course import print_table, save_figure
+from transformers import DynamicCache, Qwen2ForCausalLM
+from transformers import Qwen2Config as HFQwen2Config
+
+from minqwen2.config import Qwen2Config
+from minqwen2.model import Qwen2Model
+from minqwen2.registry import checkpoint_tensors, weight_bytes
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    """The fastest of a few runs: the machine is shared, and the minimum is the least noisy."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# A small model with random weights: big enough that a step's time is real work, small enough
+# to measure in seconds. 16 query heads over 4 KV heads of 64, MLP 2816, vocabulary 8191.
+small = Qwen2Config.from_dict(dict(
+    model_type="qwen2", vocab_size=8191, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+    num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
+))  # fmt: skip
+rng = np.random.default_rng(0)
+weights = {
+    name: (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1])) if len(shape) == 2 else
+           np.ones(shape, np.float32) if name.endswith("norm.weight") else np.zeros(shape, np.float32))
+    for name, shape in checkpoint_tensors(small).items()
+}  # fmt: skip
+model = Qwen2Model(small, weights)
+n_bytes = weight_bytes(small, "float32")
+print(f"small model: {n_bytes / 4 / 1e6:.0f}M parameters, {n_bytes / 1e6:.0f} MB in float32")
+
+ids = rng.integers(0, small.vocab_size, 256)
+lengths = [16, 32, 64, 128, 256]
+no_cache, with_cache = [], []
+model(ids[None, :16], last_only=True)  # warm up: the first pass touches every weight page once
+for S in lengths:
+    # Without a cache: the step that produces token S runs the whole sequence of S tokens.
+    no_cache.append(best_time(lambda S=S: model(ids[None, :S], last_only=True), repeats=2))
+    # With a cache holding S - 1 tokens: one token in, rewind, again.
+    cache = model.make_cache(capacity=256)
+    model(ids[None, : S - 1], cache=cache, last_only=True)
+
+    def step(S=S, cache=cache):
+        model(ids[None, S - 1 : S], cache=cache)
+        cache.rewind(S - 1)
+
+    with_cache.append(best_time(step))
+print_table(
+    [[S, f"{a * 1e3:.0f} ms", f"{b * 1e3:.1f} ms", f"{a / b:.0f}x"] for S, a, b in zip(lengths, no_cache, with_cache, strict=True)],
+    ["context S", "step without cache", "step with cache", "ratio"],
+)  # fmt: skip
+
+fig, ax = plt.subplots(figsize=(7, 4))
+ax.plot(lengths, np.array(no_cache) * 1e3, marker="o", label="no cache: run all S tokens again")
+ax.plot(lengths, np.array(with_cache) * 1e3, marker="o", label="KV cache: run 1 token, attend over S")
+ax.set_xlabel("tokens in the context S")
+ax.set_ylabel("time of one generation step (ms)")
+ax.set_yscale("log")
+ax.set_title("One step of a 62M-parameter Qwen2 (NumPy, float32, measured)")
+ax.legend()
+save_figure(fig, "07_cost_curve")
+
+# %% [markdown]
+# ## The formula
+#
+# For each layer, at a step with T new tokens and S − T tokens already held:
+#
+# ```
+# k_new, v_new = rope(x_new @ Wk.T), x_new @ Wv.T          only the T new tokens
+# K, V         = cache.update(k_new, v_new)                 append; all S tokens held
+# out          = softmax(q_new · Kᵀ / √D + mask) · V        T queries against S keys
+# ```
+#
+# Keys are stored *after* RoPE: a key's rotation depends only on its own position, so it is
+# rotated once. The new queries sit at positions `S − T .. S − 1` (the cache's offset), and
+# the causal mask is the `(T, S)` one of lesson 04.
+#
+# **Shapes.** Per layer, keys and values `(B, K, capacity, D)`, of which `S` rows are valid.
+# Prefill: x `(B, T, C)` with T the prompt length. Decode: x `(B, 1, C)`, scores `(B, H, 1, S)`.
+# Memory: `2 · layers · K · D · 4 bytes` per token in float32 — for the default model
+# (24 layers, K = 2, D = 64) 24 KB a token, 786 MB at its 32,768-token context.
+#
+# **Read:** `minqwen2/kv_cache.py` (`LayerKVCache.update`, `rewind`, and why it preallocates
+# instead of concatenating), then `Attention.__call__` in `minqwen2/attention.py` and
+# `prefill` and `decode_step` in `minqwen2/generate.py`.
+#
+# The cache changes no result. Against HF's `DynamicCache` on a tiny random model: prefill 5
+# tokens, then decode 4, one at a time:
+
+# %%
+hf_config = HFQwen2Config(vocab_size=257, hidden_size=48, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+torch.manual_seed(0)
+hf = Qwen2ForCausalLM(hf_config).eval()
+tiny = Qwen2Model(
+    Qwen2Config.from_dict({"model_type": "qwen2", **hf_config.to_diff_dict(), "vocab_size": 257}),
+    {name: t.detach().numpy() for name, t in hf.state_dict().items()},
+)
+tokens = np.random.default_rng(1).integers(0, 257, 9)
+ours_cache, hf_cache = tiny.make_cache(), DynamicCache(config=hf_config)
+worst = 0.0
+for chunk in (tokens[:5], *tokens[5:, None]):  # the prompt, then one token at a time
+    ours = tiny(chunk[None], cache=ours_cache)  # (1, T, V)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(chunk[None]), cache=hf_cache, use_cache=True).logits.numpy()
+    worst = max(worst, np.abs(ours - theirs).max())
+full = tiny(tokens[None])[:, -1]  # one pass over all 9 tokens, no cache
+print(
+    f"cached steps vs HF: max |Δlogits| = {worst:.1e}; last step vs no cache: {np.abs(ours[:, -1] - full).max():.1e}"
+)
+# float32 round-off of 3 layers on O(1) logits, different summation orders: ~1e-6; 1e-4 leaves room.
+assert worst < 1e-4 and np.allclose(ours[:, -1], full, atol=1e-4)
+print(
+    f"cache holds {ours_cache.offset} tokens; layer 0 keys {ours_cache.layers[0].keys.shape} (B, K, capacity, D)"
+)
+
+# %% [markdown]
+# ## Why decoding is memory-bound
+#
+# A decode step multiplies every weight matrix by *one* vector: each weight is read from
+# memory once and used for one multiply-add. A CPU can do far more multiply-adds per second
+# than it can read 4-byte weights, so the step waits on memory: its time is at least
+# `bytes read / bandwidth`, where the bytes are all the weights plus the cache. Prefill
+# multiplies the same weights by T vectors at once, reusing each weight T times: it is
+# limited by arithmetic instead, and T tokens of prefill cost far less than T decode steps.
+# We measure this machine's memory bandwidth with a matrix-vector product larger than any
+# cache (the exact operation of a decode step) and compare.
+
+
+# %%
+def matvec_bandwidth(n: int = 8192) -> float:
+    """Bytes per second that ``matrix @ vector`` reads, for an (n, n) float32 matrix (268 MB)."""
+    matrix = np.full((n, n), 0.5, dtype=np.float32)  # the values do not matter, only the bytes
+    vector = np.ones(n, dtype=np.float32)
+    return matrix.nbytes / best_time(lambda: matrix @ vector)
+
+
+bandwidth = matvec_bandwidth()
+cache = model.make_cache(capacity=256)
+prefill_time = best_time(
+    lambda: (model(ids[None, :64], cache=cache, last_only=True), cache.rewind(0)), repeats=2
+)
+model(ids[None, :63], cache=cache, last_only=True)
+decode_time = with_cache[2]  # the step at S = 64, measured above
+cache_bytes = 2 * small.num_hidden_layers * small.num_key_value_heads * small.head_dim * 4 * 64
+floor = (n_bytes + cache_bytes) / bandwidth
+print_table(
+    [
+        ["memory bandwidth (matrix-vector)", f"{bandwidth / 1e9:.1f} GB/s"],
+        ["bytes read by one decode step", f"{(n_bytes + cache_bytes) / 1e6:.0f} MB"],
+        ["lower bound: bytes / bandwidth", f"{floor * 1e3:.1f} ms"],
+        ["measured decode step (S = 64)", f"{decode_time * 1e3:.1f} ms"],
+        ["measured prefill of 64 tokens", f"{prefill_time * 1e3:.0f} ms"],
+        ["64 decode steps", f"{64 * decode_time * 1e3:.0f} ms"],
+    ],
+    ["", "value"],
+)
+# The floor is a floor: a decode step cannot beat the memory traffic it needs.
+assert decode_time > 0.5 * floor  # (0.5: the two timings are taken at different moments of a shared machine)
+assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
+
+# %% [markdown]
+# ## Exercise 07: the cache's update and rewind
+#
+# Open `lessons/exercises/07_kv_cache.py` and write `LayerKVCache.update` and
+# `LayerKVCache.rewind`. The arrays are preallocated by the package's `__init__`; `_grow`
+# is there to call when an update does not fit.
+#
+# *Hint:* write the new rows into `self.keys[:, :, start:end]` (and values), move
+# `self.length` to `end`, and return *views* `self.keys[:, :, :end]`, not copies: the tests
+# check that. `rewind` only moves `self.length`; out of range is a `ValueError`.
+#
+# **Check** (the tests that check `minqwen2/kv_cache.py`, against HF's `DynamicCache`):
+#
+# ```
+# pytest tests/test_kv_cache.py --exercise lessons/exercises/07_kv_cache.py
+# ```
