@@ -16,7 +16,7 @@ def default_backend() -> str:
     """The platform default: MLX on Apple silicon, NumPy everywhere else.
 
     (MLX also runs on Linux CPUs, but its CPU backend is several times slower than NumPy's
-    BLAS there.) Until the MLX backend lands, NumPy is the default everywhere.
+    BLAS there, so NumPy stays the default off Apple silicon; ``backend="mlx"`` still works.)
     """
     if sys.platform == "darwin" and platform.machine() == "arm64" and _mlx_backend_available():
         return "mlx"

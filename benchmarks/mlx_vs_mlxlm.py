@@ -1,0 +1,243 @@
+"""Prefill and decode speed of minqwen2's MLX model next to mlx-lm, per weight format.
+
+    .venv/bin/python benchmarks/mlx_vs_mlxlm.py [--model DIR] [--formats float32,bfloat16,8bit,4bit]
+        [--prompt-tokens 32] [--new-tokens 8] [--runs 3] [--mlx-lm-site DIR] [--no-compile]
+
+mlx-lm is never a dependency of minqwen2. Install it, with the *same* MLX version as
+.venv, into a throwaway environment and point ``--mlx-lm-site`` at that environment's
+site-packages; its ``mlx_lm`` package is then imported beside our code, in this process::
+
+    python3 -m venv /tmp/mlxlm
+    /tmp/mlxlm/bin/pip install "mlx[cpu]==$(.venv/bin/python -c 'import mlx.core as m; print(m.__version__)')" mlx-lm
+    .venv/bin/python benchmarks/mlx_vs_mlxlm.py --mlx-lm-site /tmp/mlxlm/lib/python3.11/site-packages
+
+Without it, only our numbers are printed, with a note saying so.
+
+Both models load the same checkpoint, get the same dtype / quantization (group size 64,
+every linear layer and the embedding whose input size is a multiple of 64 — mlx-lm's
+``quantize_model`` rule, and ours), and run the same token ids through the same harness,
+interleaved run by run in one process (a noisy neighbour slows both); the table shows the
+median of ``--runs``:
+
+* prefill tok/s = prompt tokens / time of one forward pass over the prompt that produces
+  the last position's logits (ours: ``last_only=True``; mlx-lm: its transformer, then its
+  head on the last position — what its own generate loop evaluates);
+* decode tok/s = new tokens / time of the greedy loop, one ``mx.eval`` per token.
+
+``8bit`` / ``4bit`` quantize on top of ``--quant-dtype``: bfloat16 on macOS; float32 on
+Linux, whose CPU backend runs bfloat16 quantized products about ten times slower than
+float32 ones (then ~0.3 tok/s for this model). ``--no-compile`` runs our model with the
+SwiGLU activation uncompiled, to measure what ``mx.compile`` buys (mlp_mlx.swiglu).
+
+A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from minqwen2.paths import REPO_ROOT, default_model_dir
+
+TEXT = REPO_ROOT / "tests" / "data" / "perplexity.md"  # English Markdown, fixed
+FORMATS = ("float32", "bfloat16", "8bit", "4bit")
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def prompt_ids(model_dir: Path, n: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(TEXT.read_text(encoding="utf-8")).ids
+    return np.array([ids[:n]], dtype=np.int64)  # (1, n)
+
+
+def format_settings(fmt: str, quant_dtype: str) -> tuple[str, int | None]:
+    """``"4bit"`` -> (quant_dtype, 4); ``"bfloat16"`` -> ("bfloat16", None)."""
+    if fmt.endswith("bit"):
+        return quant_dtype, int(fmt[:-3])
+    return fmt, None
+
+
+# ----------------------------------------------------------------------------- the two engines
+
+
+class Engine(Protocol):
+    """A model behind two calls: ``prefill(ids) -> (cache, logits)`` and ``step(token, cache)``."""
+
+    name: str
+
+    def prefill(self, ids: np.ndarray) -> tuple[object, mx.array]: ...
+
+    def step(self, token: mx.array, cache: object) -> mx.array: ...
+
+
+class Ours:
+    name = "minqwen2"
+
+    def __init__(self, model_dir: Path, dtype: str, bits: int | None, capacity: int) -> None:
+        import minqwen2
+
+        self.model = minqwen2.load_model(model_dir, backend="mlx", dtype=dtype, bits=bits)
+        self.capacity = capacity
+
+    def prefill(self, ids: np.ndarray) -> tuple[object, mx.array]:
+        cache = self.model.make_cache(capacity=self.capacity)
+        return cache, self.model(ids, cache=cache, last_only=True)  # (1, 1, V)
+
+    def step(self, token: mx.array, cache: object) -> mx.array:
+        return self.model(token, cache=cache)  # (1, 1, V)
+
+
+class MLXLM:
+    name = "mlx-lm"
+
+    def __init__(self, model_dir: Path, dtype: str, bits: int | None) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.utils import load_model, quantize_model
+
+        self.model, config = load_model(model_dir)
+        self.model.set_dtype(DTYPES[dtype])
+        if bits is not None:
+            self.model, _ = quantize_model(self.model, config, group_size=64, bits=bits)
+        mx.eval(self.model.parameters())
+        self.make_cache = make_prompt_cache
+
+    def head(self, h: mx.array) -> mx.array:
+        inner = self.model.model
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            return inner.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
+
+    def prefill(self, ids: np.ndarray) -> tuple[object, mx.array]:
+        cache = self.make_cache(self.model)
+        h = self.model.model(mx.array(ids), cache=cache)  # (1, T, C)
+        return cache, self.head(h[:, -1:, :]).astype(mx.float32)  # (1, 1, V)
+
+    def step(self, token: mx.array, cache: object) -> mx.array:
+        return self.model(token, cache=cache).astype(mx.float32)  # (1, 1, V)
+
+
+def measure(engine: Engine, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(prefill tok/s, decode tok/s, greedy tokens) with one harness for both engines."""
+    t0 = time.perf_counter()
+    cache, logits = engine.prefill(ids)
+    mx.eval(logits)
+    t1 = time.perf_counter()
+    tokens = []
+    for _ in range(new_tokens):
+        token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
+        logits = engine.step(token, cache)
+        mx.eval(logits)
+        tokens.append(token.item())
+    t2 = time.perf_counter()
+    return ids.shape[1] / (t1 - t0), new_tokens / (t2 - t1), tokens
+
+
+def uncompiled_swiglu() -> None:
+    """Swap our compiled SwiGLU for the same function run op by op (``--no-compile``)."""
+    from minqwen2 import mlp_mlx, moe_mlx
+
+    def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+        g = gate.astype(mx.float32)
+        return (g * mx.sigmoid(g)).astype(gate.dtype) * up
+
+    mlp_mlx.swiglu = moe_mlx.swiglu = swiglu
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {FORMATS}")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mlx-lm-site", type=Path, help="a site-packages directory holding mlx_lm")
+    parser.add_argument(
+        "--quant-dtype",
+        default="bfloat16" if sys.platform == "darwin" else "float32",
+        choices=sorted(DTYPES),
+        help="activations and scales of the 8bit/4bit formats",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="run our SwiGLU uncompiled")
+    args = parser.parse_args()
+
+    mlx_lm_note = None
+    if args.mlx_lm_site is not None:
+        sys.path.append(str(args.mlx_lm_site))  # after .venv: mlx, numpy, transformers stay ours
+    try:
+        import mlx_lm
+
+        mlx_lm_version = mlx_lm.__version__
+    except ImportError:
+        mlx_lm_version, mlx_lm_note = (
+            None,
+            "mlx-lm not installed: only minqwen2 is measured (see --mlx-lm-site)",
+        )
+    if args.no_compile:
+        uncompiled_swiglu()
+
+    ids = prompt_ids(args.model, args.prompt_tokens)
+    print(f"model {args.model.name}; mlx {mx.__version__} ({mx.default_device()}); "
+          f"mlx-lm {mlx_lm_version or '-'}; prompt {ids.shape[1]} tokens, {args.new_tokens} new, "
+          f"median of {args.runs} runs{'; our SwiGLU uncompiled' if args.no_compile else ''}")  # fmt: skip
+    if mlx_lm_note:
+        print(f"note: {mlx_lm_note}")
+
+    rows = []
+    capacity = ids.shape[1] + args.new_tokens
+    for fmt in args.formats.split(","):
+        dtype, bits = format_settings(fmt, args.quant_dtype)
+        makers: list[Callable[[], Engine]] = [lambda d=dtype, b=bits: Ours(args.model, d, b, capacity)]
+        if mlx_lm_version:
+            makers.append(lambda d=dtype, b=bits: MLXLM(args.model, d, b))
+        engines = []
+        for make in makers:
+            t = time.perf_counter()
+            engines.append(make())
+            print(f"  {fmt}: loaded {engines[-1].name} in {time.perf_counter() - t:.1f} s", flush=True)
+        for engine in engines:  # warm-up: first-call allocations, compilation
+            measure(engine, ids[:, :4], 2)
+        results: dict[str, list[tuple[float, float, list[int]]]] = {e.name: [] for e in engines}
+        for _ in range(args.runs):
+            for engine in engines:
+                results[engine.name].append(measure(engine, ids, args.new_tokens))
+        for engine in engines:
+            runs = results[engine.name]
+            prefill = statistics.median(r[0] for r in runs)
+            decode = statistics.median(r[1] for r in runs)
+            rows.append(
+                (fmt if bits is None else f"{fmt} ({dtype})", engine.name, prefill, decode, runs[0][2])
+            )
+            print(
+                f"  {fmt}: {engine.name:9s} prefill {prefill:7.2f} tok/s   decode {decode:6.2f} tok/s",
+                flush=True,
+            )
+        del engines
+        mx.clear_cache()
+
+    print("\n| format | engine | prefill tok/s | decode tok/s | decode vs mlx-lm | greedy tokens equal |")
+    print("|---|---|---:|---:|---:|---|")
+    by_format: dict[str, dict[str, tuple]] = {}
+    for fmt, name, prefill, decode, tokens in rows:
+        by_format.setdefault(fmt, {})[name] = (prefill, decode, tokens)
+    for fmt, engines in by_format.items():
+        theirs = engines.get("mlx-lm")
+        for name, (prefill, decode, tokens) in engines.items():
+            ratio = f"{decode / theirs[1]:.2f}x" if theirs else "-"
+            same = ("yes" if tokens == theirs[2] else "no") if theirs and name != "mlx-lm" else ""
+            print(f"| {fmt} | {name} | {prefill:.2f} | {decode:.2f} | {ratio} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

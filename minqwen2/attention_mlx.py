@@ -1,0 +1,132 @@
+"""Grouped-query attention in MLX: the twin of ``attention.py``.
+
+Read the NumPy sibling first; the steps are the same (projections with q/k/v biases,
+RoPE before the cache, GQA, a mask aligned to the end of the cache, float32 softmax,
+``o_proj`` without bias). What the fast path changes, step by step:
+
+1. **Projections**: one fused ``qkv`` product as in NumPy, through
+   :func:`~minqwen2.quantize_mlx.linear` (float or quantized weights).
+2. **RoPE**: ``mx.fast.rope`` with HF's own frequency table (``rope_mlx.py``).
+3. **Cache**: ``kv_cache_mlx.py``, the same bookkeeping as the NumPy cache.
+4. **Attention**: ``mx.fast.scaled_dot_product_attention(q, k, v, scale, mask)`` replaces
+   :func:`minqwen2.attention.grouped_query_attention` (scores, mask, softmax, ``P·v``) with
+   one kernel. Conventions, mapped:
+
+   * GQA without copying K/V: it accepts ``k, v`` with K heads for ``q`` with H heads and
+     gives query head ``h`` the KV head ``h // G`` — HF's ``repeat_kv`` pairing, the one
+     the NumPy sibling gets by folding the G query heads of a group into one product;
+   * ``scale`` = ``D ** -0.5`` (MLX scales q before the product, HF the scores after: the
+     same up to round-off);
+   * the softmax is computed in float32 whatever the input dtype, as HF does; on the CPU
+     the scores q·k too, for half precision (the comment in ``__call__`` says why);
+   * the mask: the same rule as :func:`minqwen2.attention.causal_mask`. Without a sliding
+     window it is MLX's built-in ``"causal"`` mask, which is aligned lower-right (the last
+     query sees the last key), exactly the NumPy convention; a single new token sees
+     every key held, so it needs no mask at all. A sliding-window layer passes the boolean
+     ``(T, S)`` array the NumPy ``causal_mask`` builds (True = visible).
+
+Shape legend: B batch, T new tokens (queries), S cached + new tokens (keys), C hidden
+size, H query heads, K key/value heads, G = H // K, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import mlx.core as mx
+
+from minqwen2.attention import causal_mask
+from minqwen2.config import Qwen2Config
+from minqwen2.errors import WeightsError
+from minqwen2.kv_cache_mlx import LayerKVCache
+from minqwen2.quantize_mlx import Weight, concat_rows, linear
+from minqwen2.rope_mlx import RotaryEmbedding
+
+
+def attention_mask(T: int, S: int, window: int | None) -> mx.array | str | None:
+    """The mask argument of ``mx.fast.scaled_dot_product_attention`` for T queries over S keys.
+
+    The rule is the NumPy sibling's :func:`~minqwen2.attention.causal_mask` (key ``j`` is
+    visible to the query at absolute position ``q = S - T + t`` iff ``q - W < j <= q``);
+    this only picks the cheapest way to say it.
+    """
+    if window is not None and S > 1:
+        return mx.array(causal_mask(T, S, window))  # (T, S) bool, True = visible
+    if T == 1:
+        return None  # one query, at the last position: every key is visible
+    return "causal"  # lower-right aligned: causal_mask(T, S) without building it
+
+
+class Attention:
+    """One decoder layer's self-attention: the twin of :class:`minqwen2.attention.Attention`.
+
+    ``weights`` holds HF's ``state_dict`` of the module (``q_proj.weight (H*D, C)``,
+    ``q_proj.bias (H*D,)``, ``k_proj``/``v_proj`` with K*D rows, ``o_proj.weight (C, H*D)``;
+    biases only with ``qkv_bias``), as ``mx.array`` or ``QuantizedWeight``.
+
+    ``attention(x, rope, cache)``: x ``(B, T, C)``; the new tokens sit at positions
+    ``cache.length + arange(T)`` (``arange(T)`` without a cache); returns ``(B, T, C)``.
+    """
+
+    def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_attention_heads
+        self.num_kv_heads = K = config.num_key_value_heads
+        self.head_dim = D = config.head_dim
+        self.hidden_size = C = config.hidden_size
+        self.window = config.window_for_layer(layer_idx)  # W, or None for full causal attention
+        self.scaling = D**-0.5
+
+        shapes = {
+            "q_proj.weight": (H * D, C),
+            "k_proj.weight": (K * D, C),
+            "v_proj.weight": (K * D, C),
+            "o_proj.weight": (C, H * D),
+        }
+        if config.qkv_bias:
+            shapes.update({"q_proj.bias": (H * D,), "k_proj.bias": (K * D,), "v_proj.bias": (K * D,)})
+        for name, shape in shapes.items():
+            if name not in weights or tuple(weights[name].shape) != shape:
+                found = tuple(weights[name].shape) if name in weights else "missing"
+                raise WeightsError(
+                    f"attention of layer {layer_idx}: tensor {name!r} is {found}, expected {shape}"
+                )
+
+        names = ("q_proj", "k_proj", "v_proj")
+        self.qkv_weight = concat_rows(weights[f"{n}.weight"] for n in names)  # ((H+2K)*D, C)
+        self.qkv_bias = (
+            mx.concatenate([weights[f"{n}.bias"] for n in names]) if config.qkv_bias else None
+        )  # ((H+2K)*D,) or None
+        self.o_proj_weight = weights["o_proj.weight"]  # (C, H*D)
+
+    def __call__(self, x: mx.array, rope: RotaryEmbedding, cache: LayerKVCache | None = None) -> mx.array:
+        B, T, C = x.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        assert C == self.hidden_size, f"x {x.shape}, expected (B, T, {self.hidden_size})"
+
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # (B, T, (H+2K)*D)
+        q, k, v = mx.split(qkv, [H * D, (H + K) * D], axis=-1)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+        v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+
+        offset = cache.length if cache is not None else 0
+        q, k = rope(q, offset), rope(k, offset)  # rotate by position, before caching
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, S, D): cached + new
+        S = k.shape[2]
+
+        dtype = q.dtype
+        if dtype != mx.float32 and mx.default_device().type == mx.cpu:
+            # MLX's CPU attention rounds the scores q·k to the input dtype before its
+            # float32 softmax; HF's default (sdpa) and MLX's fused Metal kernels keep them
+            # in float32. A bfloat16 score of 40 is off by up to 0.125, i.e. 13% in its weight:
+            # on the 0.5B model that doubled the mean bfloat16 logit error, and one token's
+            # error grew from 0.9 to 11.8. So on the CPU the attention runs in float32 (the
+            # T × S scores are a small part of the work).
+            q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scaling, mask=attention_mask(T, S, self.window)
+        ).astype(dtype)  # (B, H, T, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
+        return linear(out, self.o_proj_weight)  # (B, T, C)

@@ -1,0 +1,178 @@
+"""The whole Qwen2 model in MLX: the twin of ``model.py``.
+
+The same assembly as the NumPy model (read it first), from the MLX twins of each part::
+
+    input_ids (B, T)
+      → embed_tokens                      (B, T, C)   quantize_mlx.embedding (float or quantized rows)
+      → N × DecoderLayer:                 (B, T, C)
+            h = x + Attention(RMSNorm(x))             attention_mlx.py, rmsnorm_mlx.py, rope_mlx.py
+            x = h + MLP(RMSNorm(h))                   mlp_mlx.py or moe_mlx.py
+      → norm                              (B, T, C)
+      → lm_head                           (B, T, V)   logits, returned as float32
+
+The public surface is the NumPy model's: ``model(input_ids, cache=None, last_only=False)``
+with ids ``(T,)`` or ``(B, T)`` (a list, a NumPy array or an ``mx.array``),
+``model.make_cache(batch_size, capacity)``, ``model.config``. Logits come back as a float32
+``mx.array``; ``np.asarray(logits)`` makes them NumPy, so ``generate.py`` runs either model
+unchanged.
+
+Precision (``dtype``):
+
+* ``float32`` reproduces HF's float32 model to round-off (the tests hold it to the same
+  tolerances as the NumPy model).
+* ``bfloat16`` (the default, as on a Mac) stores weights, activations and the cache in
+  bfloat16 and keeps HF's float32 islands: RMSNorm's mean of squares, RoPE's angles, the
+  attention softmax and the router softmax are computed in float32.
+* ``float16`` has more mantissa but a range that ends at 65,504, and Qwen2's residual stream
+  is known to exceed it (the classic symptom is a reply of "!!!!"). It is allowed with a
+  guard: a forward pass whose logits are not finite raises an error that says to use
+  bfloat16, instead of returning garbage.
+* ``bits=4`` or ``8`` quantizes the matrices (``quantize_mlx.py``) on top of ``dtype``.
+
+Shapes: ``B`` batch, ``T`` new tokens in this call, ``C`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from minqwen2 import model as numpy_model
+from minqwen2.attention_mlx import Attention
+from minqwen2.config import Qwen2Config
+from minqwen2.errors import MinQwen2Error
+from minqwen2.kv_cache_mlx import KVCache, LayerKVCache
+from minqwen2.mlp_mlx import MLP
+from minqwen2.moe_mlx import SparseMoeBlock
+from minqwen2.quantize_mlx import (
+    BITS,
+    DTYPES,
+    QuantizedWeight,
+    Weight,
+    embedding,
+    is_quantized_checkpoint,
+    linear,
+    load_quantized,
+    quantize_weights,
+    to_mlx,
+)
+from minqwen2.rmsnorm_mlx import RMSNorm
+from minqwen2.rope_mlx import RotaryEmbedding
+from minqwen2.weights import load_weights, submodule
+
+#: The MLX backend's default dtype (CONTRACT.md).
+DEFAULT_DTYPE = "bfloat16"
+
+
+class DecoderLayer:
+    """One transformer block (twin of :class:`minqwen2.model.DecoderLayer`)."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
+        eps = config.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
+        self.self_attn = Attention(config, layer_idx, submodule(weights, "self_attn."))
+        self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
+        mlp_weights = submodule(weights, "mlp.")
+        self.mlp = SparseMoeBlock(config, mlp_weights) if config.is_moe_layer(layer_idx) else MLP(mlp_weights)
+
+    def __call__(self, x: mx.array, rope: RotaryEmbedding, cache: LayerKVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache)  # (B, T, C) residual
+        return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, C) residual
+
+
+class Qwen2Model:
+    """``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` in MLX.
+
+    Build it with :func:`minqwen2.load_model` (``backend="mlx"``) or directly from a config
+    and a dict of weights under HF's names — ``mx.array`` in ``dtype``, or
+    :class:`~minqwen2.quantize_mlx.QuantizedWeight` (MoE experts stacked as HF 5.24 holds
+    them, ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``).
+    """
+
+    def __init__(
+        self, config: Qwen2Config, weights: Mapping[str, Weight], dtype: mx.Dtype = mx.bfloat16
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = weights["model.embed_tokens.weight"]  # (V, C)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = [
+            DecoderLayer(config, i, submodule(weights, f"model.layers.{i}."))
+            for i in range(config.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
+        self.lm_head = weights["lm_head.weight"]  # (V, C); the embedding itself when tied
+        quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
+        self.bits = quantized[0].bits if quantized else None  # None, 4 or 8
+
+    def make_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty KV cache (in the model's dtype); it grows past ``capacity`` as needed."""
+        return KVCache(self.config, batch_size=batch_size, capacity=capacity, dtype=self.dtype)
+
+    def __call__(
+        self,
+        input_ids: np.ndarray | mx.array | list[int],
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> mx.array:
+        """Logits for each new token: float32 ``(B, T, V)``, or ``(B, 1, V)`` with ``last_only``.
+
+        The arguments mean what they mean for :meth:`minqwen2.model.Qwen2Model.__call__`.
+        """
+        # The NumPy model's checks, verbatim (shape, integer dtype, range); an mx.array
+        # converts with np.asarray.
+        ids = numpy_model.Qwen2Model._check_ids(self, np.asarray(input_ids))  # (B, T)
+        B, T = ids.shape
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"the cache holds {cache.batch_size} sequences but input_ids has {B}")
+
+        x = embedding(self.embed_tokens, mx.array(ids))  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rotary_emb, cache.layers[i] if cache is not None else None)  # (B, T, C)
+        x = self.norm(x)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): the lm_head for the last position only
+        logits = linear(x, self.lm_head).astype(mx.float32)  # (B, T or 1, V)
+        if self.dtype == mx.float16 and not mx.isfinite(logits).all().item():
+            raise MinQwen2Error(
+                "the float16 forward pass overflowed (non-finite logits): Qwen2's activations exceed "
+                "float16's range of ±65,504; use dtype='bfloat16' (same memory, float32's range)"
+            )
+        return logits
+
+
+def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None = None) -> Qwen2Model:
+    """Load an HF-layout model directory (or a quantized MLX checkpoint) into :class:`Qwen2Model`.
+
+    * ``dtype``: ``"float32"``, ``"bfloat16"`` (default) or ``"float16"``.
+    * ``bits``: ``None``, ``4`` or ``8``: quantize the matrices at load time (group size 64).
+      A checkpoint written by ``minqwen2 convert --bits`` is already quantized and loads as
+      it is; ``bits`` may then be omitted, or must match the checkpoint's.
+    """
+    path = Path(path)
+    dtype = DEFAULT_DTYPE if dtype is None else dtype
+    if dtype not in DTYPES:
+        raise MinQwen2Error(
+            f"dtype {dtype!r} is not supported by the MLX backend; expected one of {list(DTYPES)}"
+        )
+    if bits is not None and bits not in BITS:
+        raise MinQwen2Error(f"bits = {bits!r} is not supported; expected None or one of {list(BITS)}")
+    mx_dtype = DTYPES[dtype]
+
+    config_path = path / "config.json"
+    if is_quantized_checkpoint(path):
+        config, weights, stored_bits = load_quantized(path, mx_dtype)
+        if bits is not None and bits != stored_bits:
+            raise MinQwen2Error(
+                f"{config_path}: the checkpoint is quantized to {stored_bits} bits; it cannot be loaded "
+                f"with bits={bits} (quantize the original model instead)"
+            )
+        return Qwen2Model(config, weights, dtype=mx_dtype)
+
+    config = Qwen2Config.from_file(config_path)
+    weights = to_mlx(load_weights(path, config), mx_dtype)
+    return Qwen2Model(config, quantize_weights(weights, bits) if bits else weights, dtype=mx_dtype)
