@@ -48,7 +48,7 @@ def load_model(
         raise MinQwen2Error(f"backend {backend!r} is not supported; expected one of {list(BACKENDS)}")
     if backend == "mlx":
         if not _mlx_backend_available():
-            raise MinQwen2Error("the MLX backend is not available in this version; use backend='numpy'")
+            raise MinQwen2Error("the MLX backend needs the mlx package (pip install mlx, or 'mlx[cpu]' on Linux); or use backend='numpy'")
         from minqwen2.model_mlx import load_mlx_model
 
         return load_mlx_model(path, dtype=dtype, bits=bits)
