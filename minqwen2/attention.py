@@ -66,7 +66,7 @@ def causal_mask(T: int, S: int, window: int | None = None) -> np.ndarray:
     return visible
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
     """A numerically stable softmax.
 
     ``exp`` overflows float32 above about 88.7, and attention scores can be that large.
@@ -74,11 +74,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     row's maximum makes the largest exponent exactly 0 (``exp`` = 1) and all others <= 1:
     nothing overflows, and the result is the same number. Entries equal to ``-inf`` (masked
     keys) become exactly 0, provided each row has a finite maximum.
+
+    ``out=x`` computes in place, overwriting ``x``: the attention scores are a scratch
+    array, and not allocating a second ``(B, K, G, T, S)`` one saves a pass over memory.
     """
-    x = x - x.max(axis=axis, keepdims=True)  # a new array: the caller's x stays intact
-    np.exp(x, out=x)  # in place from here on: no further (B, K, G, T, S) allocations
-    x /= x.sum(axis=axis, keepdims=True)
-    return x
+    out = np.subtract(x, x.max(axis=axis, keepdims=True), out=out)  # a new array unless out is given
+    np.exp(out, out=out)
+    out /= out.sum(axis=axis, keepdims=True)
+    return out
 
 
 def grouped_query_attention(
@@ -100,15 +103,16 @@ def grouped_query_attention(
     G = H // K
 
     q = q.reshape(B, K, G * T, D)  # (B, K, G*T, D): rows are (g, t) pairs of one KV group
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, K, G*T, S)
+    scores = q @ k.transpose(0, 1, 3, 2)  # (B, K, G*T, S), a new array we may overwrite
+    scores *= scale  # in place: after the product, as HF rounds it
     scores = scores.reshape(B, K, G, T, S)  # (B, K, G, T, S)
 
     # Masked scores are *replaced* by -inf rather than shifted by a large negative number
     # (HF adds finfo.min): then a masked key's score is irrelevant, however large, and its
     # weight after the softmax is exactly 0. -inf would turn a row with *no* visible key
     # into NaN (max = -inf, -inf - -inf = NaN), but here every query sees at least itself.
-    scores = np.where(mask, scores, -np.inf)  # (B, K, G, T, S); the (T, S) mask broadcasts
-    probs = softmax(scores, axis=-1)  # (B, K, G, T, S), float32 like the scores
+    np.copyto(scores, -np.inf, where=~mask)  # in place, (B, K, G, T, S); the (T, S) mask broadcasts
+    probs = softmax(scores, axis=-1, out=scores)  # (B, K, G, T, S), float32, in place
 
     out = probs.reshape(B, K, G * T, S) @ v  # (B, K, G*T, D)
     return out.reshape(B, H, T, D)  # (B, H, T, D): back to one row block per query head
@@ -173,7 +177,7 @@ class Attention:
 
         qkv = x @ self.qkv_weight.T  # (B, T, (H+2K)*D)
         if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias
+            qkv += self.qkv_bias  # in place: qkv is ours
         q, k, v = np.split(qkv, [H * D, (H + K) * D], axis=-1)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)

@@ -64,7 +64,8 @@ def load_model(
     from minqwen2.weights import load_weights
 
     config = Qwen2Config.from_file(path / "config.json")
-    return Qwen2Model(config, load_weights(path, config))
+    # mmap=False: every weight in ordinary (huge-page) memory, read once; see weights.py.
+    return Qwen2Model(config, load_weights(path, config, mmap=False))
 
 
 def load(

@@ -14,7 +14,16 @@ Why read it by hand?
 
 * **Memory mapping.** ``np.memmap`` maps the file instead of copying it: a float32
   checkpoint costs no RAM until a weight is touched, and then only the page cache, so
-  peak memory is the weights' size and not twice that.
+  peak memory is the weights' size and not twice that. The lessons use this to look at
+  one layer of a model without reading the rest.
+* **Or reading, lazily.** A model that will read every weight for every token wants them
+  in ordinary memory instead (``mmap=False``): the kernel backs large NumPy arrays with
+  2 MiB huge pages, where a mapped file gets 4 KiB pages, and a matrix-vector product
+  over a mapped matrix spends part of its time on address translation (about 25% slower
+  for the 544 MB lm_head on our 2-core test machine). Each tensor is then read from the
+  file when it is looked up, into memory of its own, so a tensor the model copies (to
+  fuse q/k/v, say) is freed as soon as the copy is made: peak memory stays the model's
+  size.
 * **bfloat16.** NumPy has no bfloat16, and published Qwen2 checkpoints are bf16. A bf16
   number is the top 16 bits of a float32, so widening it is a shift:
   ``(bits.astype(uint32) << 16).view(float32)`` — exact, and no torch needed.
@@ -32,8 +41,9 @@ import os
 import struct
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -182,12 +192,22 @@ def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def read_tensor(info: TensorInfo, mmap: np.memmap | None = None) -> np.ndarray:
-    """The tensor as float32: a zero-copy memory map for F32, a widened copy otherwise."""
+def read_tensor(info: TensorInfo, mmap: np.memmap | None = None, *, copy: bool = False) -> np.ndarray:
+    """The tensor as float32: a zero-copy memory map for F32, a widened copy otherwise.
+
+    ``copy=True`` reads the bytes from the file into a new array instead of mapping them
+    (the page cache is read, our process keeps no mapped pages).
+    """
     stored, _ = _DTYPES[info.dtype]
-    if mmap is None:
-        mmap = np.memmap(info.file, dtype=np.uint8, mode="r")
-    raw = mmap[info.begin : info.end].view(stored).reshape(info.shape)
+    if copy:
+        raw = np.fromfile(info.file, dtype=stored, count=info.numel, offset=info.begin)
+        if raw.size != info.numel:  # the file shrank after its header was checked
+            raise WeightsError(f"{info.file}: truncated while reading: expected {info.numel} elements")
+        raw = raw.reshape(info.shape)
+    else:
+        if mmap is None:
+            mmap = np.memmap(info.file, dtype=np.uint8, mode="r")
+        raw = mmap[info.begin : info.end].view(stored).reshape(info.shape)
     if info.dtype == "F32":
         return raw
     if info.dtype == "BF16":
@@ -247,8 +267,12 @@ def available_memory() -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def load_weights(model_dir: str | Path, config: Qwen2Config) -> dict[str, np.ndarray]:
+def load_weights(model_dir: str | Path, config: Qwen2Config, *, mmap: bool = True) -> Mapping[str, np.ndarray]:
     """Read a checkpoint into float32 arrays keyed by HF's names, after checking it all.
+
+    * ``mmap=True`` (the default): a dict of arrays that map the file (nothing is read
+      until touched). ``mmap=False``: a :class:`LazyTensors` mapping whose lookups read
+      each tensor into new memory — what the NumPy model loads (see the module docstring).
 
     * Every expected tensor must be present with its exact shape (errors name the file,
       the tensor and the expected shape).
@@ -306,36 +330,73 @@ def load_weights(model_dir: str | Path, config: Qwen2Config) -> dict[str, np.nda
             "(see `minqwen2 models`) or the MLX backend with --bits 4"
         )
 
-    # Everything checked: now read (memory-mapped, one map per file).
+    # Everything checked: now read (memory-mapped, one map per file; or copied).
     maps: dict[Path, np.memmap] = {}
 
     def read(name: str) -> np.ndarray:
         info = tensors[name]
-        if info.file not in maps:
+        if mmap and info.file not in maps:
             maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        return read_tensor(info, maps[info.file])
+        return read_tensor(info, maps.get(info.file), copy=not mmap)
 
-    weights = {name: read(name) for name in expected if name in tensors and ".mlp.experts." not in name}
-    if config.tie_word_embeddings and "lm_head.weight" not in weights:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    # One reader per name; LazyTensors calls it at lookup, the mapped dict right away.
+    readers: dict[str, Callable[[], np.ndarray]] = {
+        name: partial(read, name) for name in expected if name in tensors and ".mlp.experts." not in name
+    }
+    if config.tie_word_embeddings and "lm_head.weight" not in readers:
+        # One array for both names, read once: that is what "tied" means.
+        readers["model.embed_tokens.weight"] = cache(readers["model.embed_tokens.weight"])
+        readers["lm_head.weight"] = readers["model.embed_tokens.weight"]
     for i in range(config.num_hidden_layers):
-        if not config.is_moe_layer(i):
-            continue
-        p = f"model.layers.{i}.mlp.experts."
-        if p + "gate_up_proj" in fused:
-            weights[p + "gate_up_proj"] = np.ascontiguousarray(read(p + "gate_up_proj"))
-            weights[p + "down_proj"] = np.ascontiguousarray(read(p + "down_proj"))
-            continue
-        experts = range(config.num_experts)
-        # (E, 2I, C): each expert's gate rows then its up rows, as HF 5.24's fused parameter.
-        weights[p + "gate_up_proj"] = np.stack(
-            [
-                np.concatenate([read(f"{p}{e}.gate_proj.weight"), read(f"{p}{e}.up_proj.weight")])
-                for e in experts
-            ]
+        if config.is_moe_layer(i):
+            p = f"model.layers.{i}.mlp.experts."
+            gate_up, down = _expert_readers(read, p, config.num_experts, fused=p + "gate_up_proj" in fused)
+            readers[p + "gate_up_proj"], readers[p + "down_proj"] = gate_up, down
+    if not mmap:
+        return LazyTensors(readers)
+    return {name: reader() for name, reader in readers.items()}
+
+
+def _expert_readers(
+    read: Callable[[str], np.ndarray], p: str, num_experts: int, fused: bool
+) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
+    """Readers of one MoE layer's stacked experts: ``gate_up_proj (E, 2I, C)``, ``down_proj (E, C, I)``."""
+    if fused:  # stored as HF 5 holds them in memory
+        return (
+            lambda: np.ascontiguousarray(read(p + "gate_up_proj")),
+            lambda: np.ascontiguousarray(read(p + "down_proj")),
         )
-        weights[p + "down_proj"] = np.stack([read(f"{p}{e}.down_proj.weight") for e in experts])  # (E, C, I)
-    return weights
+
+    def gate_up() -> np.ndarray:  # (E, 2I, C): each expert's gate rows then its up rows
+        return np.stack(
+            [np.concatenate([read(f"{p}{e}.gate_proj.weight"), read(f"{p}{e}.up_proj.weight")]) for e in range(num_experts)]
+        )
+
+    def down() -> np.ndarray:  # (E, C, I)
+        return np.stack([read(f"{p}{e}.down_proj.weight") for e in range(num_experts)])
+
+    return gate_up, down
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """A checkpoint's tensors by HF name, each read from disk when it is looked up.
+
+    Every lookup reads the tensor again into a new array (tied embeddings excepted: both
+    names give the one array), so whoever holds an array owns it, and an array nobody
+    holds is freed. Iterating gives the names without reading anything.
+    """
+
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]) -> None:
+        self._readers = dict(readers)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
 
 
 def submodule(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -344,4 +405,5 @@ def submodule(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.nd
     ``submodule(w, "model.layers.3.self_attn.")`` gives ``{"q_proj.weight": ..., ...}``,
     the names HF's ``Qwen2Attention.state_dict()`` uses.
     """
-    return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+    # Names first, then only the matching tensors (a LazyTensors lookup reads from disk).
+    return {name[len(prefix) :]: weights[name] for name in weights if name.startswith(prefix)}

@@ -111,6 +111,66 @@ def test_float32_is_memory_mapped(tmp_path):
     assert isinstance(base, np.memmap), "float32 tensors should be views of the mapped file"
 
 
+def _owns_memory(a: np.ndarray) -> bool:
+    while a.base is not None:
+        if isinstance(a, np.memmap) or isinstance(a.base, np.memmap):
+            return False
+        a = a.base
+    return not isinstance(a, np.memmap)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["float32-tied", "bfloat16-untied", "sharded", "moe-bfloat16"],
+)
+def test_read_into_memory_equals_mapped(tmp_path, setup, monkeypatch):
+    """``mmap=False`` (the NumPy model's mode): the same arrays, each read into memory of its
+    own at lookup; nothing read before; a tied pair is one array, read once."""
+    if setup == "moe-bfloat16":
+        save_hf_checkpoint(random_hf_model(TINY_MOE, seed=6), tmp_path, dtype="bfloat16", max_shard_size="30KB")
+    else:
+        tied = setup == "float32-tied"
+        model = random_hf_model({**TINY_DENSE, "tie_word_embeddings": tied}, seed=6)
+        save_hf_checkpoint(
+            model,
+            tmp_path,
+            dtype="bfloat16" if setup == "bfloat16-untied" else "float32",
+            max_shard_size="20KB" if setup == "sharded" else None,
+        )
+    config, mapped = load_dir(tmp_path)
+
+    reads = []
+    real_read = W.read_tensor
+    monkeypatch.setattr(W, "read_tensor", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    lazy = W.load_weights(tmp_path, config, mmap=False)
+    assert isinstance(lazy, W.LazyTensors) and set(lazy) == set(mapped)
+    assert not reads, "building the mapping and listing its names must read nothing"
+
+    layer1 = W.submodule(lazy, "model.layers.1.")
+    assert layer1
+    assert len(reads) == len([n for n in W.find_tensors(tmp_path) if n.startswith("model.layers.1.")]), (
+        "submodule must read only the tensors under its prefix"
+    )
+    for name in mapped:
+        got = lazy[name]
+        np.testing.assert_array_equal(got, mapped[name], err_msg=name)
+        assert got.dtype == np.float32 and _owns_memory(got), name
+    assert lazy["model.norm.weight"] is not lazy["model.norm.weight"], "each lookup is a fresh read"
+    if config.tie_word_embeddings:
+        assert lazy["lm_head.weight"] is lazy["model.embed_tokens.weight"]
+
+
+def test_file_truncated_after_loading_fails_at_the_read(saved):
+    """A lazy read checks it got every byte: the file can change between check and read."""
+    config = Qwen2Config.from_file(saved / "config.json")
+    lazy = W.load_weights(saved, config, mmap=False)
+    path = saved / W.SINGLE_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated while reading"):
+        for name in lazy:  # some tensor lies in the lost half
+            lazy[name]
+
+
 def test_bf16_widening_is_exact():
     bits = np.arange(0, 2**16, dtype=np.uint16)
     import torch
