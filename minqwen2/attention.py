@@ -178,7 +178,10 @@ class Attention:
         qkv = x @ self.qkv_weight.T  # (B, T, (H+2K)*D)
         if self.qkv_bias is not None:
             qkv += self.qkv_bias  # in place: qkv is ours
-        q, k, v = np.split(qkv, [H * D, (H + K) * D], axis=-1)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        # Views of qkv's columns (np.split would do the same with more overhead per call).
+        q = qkv[..., : H * D]  # (B, T, H*D)
+        k = qkv[..., H * D : (H + K) * D]  # (B, T, K*D)
+        v = qkv[..., (H + K) * D :]  # (B, T, K*D)
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)

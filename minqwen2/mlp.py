@@ -66,7 +66,8 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         assert x.shape[-1] == self.hidden_size and x.dtype == np.float32, (x.shape, x.dtype)
         gate_up = x @ self.gate_up_proj.T  # (..., 2F)
-        gate, up = np.split(gate_up, 2, axis=-1)  # (..., F) each, views
+        F = self.intermediate_size
+        gate, up = gate_up[..., :F], gate_up[..., F:]  # (..., F) each, views
         hidden = silu(gate)  # (..., F), a new array ...
         hidden *= up  # ... gated in place
         out = hidden @ self.down_proj.T  # (..., F) -> (..., C)
