@@ -22,12 +22,56 @@ median of ``--runs``:
 * prefill tok/s = prompt tokens / time of one forward pass over the prompt that produces
   the last position's logits (ours: ``last_only=True``; mlx-lm: its transformer, then its
   head on the last position — what its own generate loop evaluates);
-* decode tok/s = new tokens / time of the greedy loop, one ``mx.eval`` per token.
+* decode tok/s = new tokens / time of the greedy loop, one ``mx.eval`` per token;
+* own-loop decode tok/s = each engine's *own* greedy generation loop, first token to last:
+  ``minqwen2.generate`` (which hands plain greedy decoding to the model's
+  ``greedy_tokens``: argmax on the device, the next step built while the previous one
+  runs, ``mx.async_eval``) and mlx-lm's ``generate_step`` (the same pipelining), after a
+  prompt of OWN_LOOP_PROMPT ids. The table also gives the load average during the runs.
 
 ``8bit`` / ``4bit`` quantize on top of ``--quant-dtype``: bfloat16 on macOS; float32 on
 Linux, whose CPU backend runs bfloat16 quantized products about ten times slower than
 float32 ones (then ~0.3 tok/s for this model). ``--no-compile`` runs our model with the
 SwiGLU activation uncompiled, to measure what ``mx.compile`` buys (mlp_mlx.swiglu).
+
+Measured (2-core shared Linux machine, MLX 0.32.4 CPU, mlx-lm 0.32.2, the 0.5B model,
+``--prompt-tokens 32 --new-tokens 8 --runs 3``, other engineers' jobs running: load
+average 1.1-3.4 during the runs; tok/s, ours / mlx-lm)::
+
+    format          prefill        decode         own-loop decode   greedy tokens
+    float32         1.86 / 1.81    1.23 / 1.31    1.35 / 1.34       equal
+    bfloat16        4.12 / 4.36    1.24 / 1.34    1.37 / 1.37       equal
+    8bit (float32)  1.87 / 1.87    1.30 / 1.28    1.52 / 1.22       equal
+    4bit (float32)  2.26 / 2.32    1.72 / 1.64    1.68 / 1.78       equal
+
+A second run, ``--formats bfloat16,float32 --prompt-tokens 16 --new-tokens 16 --runs 5``
+(load average up to 3.2): bfloat16 3.99 / 3.92, 1.19 / 1.21, 1.24 / 1.21; float32 1.80 /
+1.91, 1.34 / 1.38, 1.42 / 1.37. In bfloat16 the greedy tokens may differ: our attention
+keeps its scores in float32 on the CPU (``attention_mlx.py`` says why), mlx-lm's rounds
+them to bfloat16.
+
+Ratios 0.93-1.24x, scattered both ways: a tie within this machine's noise (a first run,
+before this issue's changes, at 64 + 16 tokens under load ~5, gave 1.00 / 1.05 in float32
+and 1.18 / 1.02 in bfloat16). The two models run the same kernels, and the kernels are
+the whole story here (``benchmarks/`` profiling, recorded in ``model_mlx.py``'s docstring):
+
+* every product runs single-threaded at ~1 GFLOP/s, whatever the format — the Linux wheel
+  links the *reference* BLAS for float32 (0.9-1.5 GFLOP/s measured on the model's shapes,
+  the same for ``x @ W.T`` and a pre-transposed ``x @ Wt``), and MLX's own CPU loops for
+  bfloat16 (0.8 GFLOP/s for one token, 2.2-2.4 for 32-64: why bfloat16 prefill is the
+  fastest here) and for the quantized products (~1.0-1.2 GFLOP/s at 4 and 8 bits with
+  float32 scales, 0.1 with bfloat16 ones). The products are 85-95% of a decode step
+  (float32: the layers ~500 ms and the 151,936-row output head ~190 ms of ~700 ms);
+* so decode is compute-bound, not bandwidth-bound: 4-bit decode at 1.7 tok/s reads
+  0.28 GB x 1.7 = 0.48 GB/s, **2.4% of the ~20 GB/s** NumPy measures here (a ceiling of
+  ~71 tok/s), because the CPU quantized-matmul kernel unpacks and multiplies one scalar
+  at a time on one core (~1 GFLOP/s, i.e. ~1 GFLOP per token for 494 M weights -> ~1-2
+  tok/s whatever the bit width). Computed, not measured: on Apple silicon the Metal
+  kernels are bandwidth-bound, and 0.28 GB per token gives a 4-bit ceiling of ~240 tok/s
+  at an M1's published 68 GB/s, ~360 at an M2's 100 GB/s;
+* ``mx.compile`` of the static-shape parts of a decode step, and splitting products over
+  two CPU streams, measured no gain (within noise); pipelining (``greedy_tokens``) hides
+  the 3-10 ms of graph building per step (~1% here, much more on Metal).
 
 A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
 """
@@ -35,10 +79,11 @@ A benchmark, not a test: the numbers depend on the machine and on what else runs
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +94,7 @@ from minqwen2.paths import REPO_ROOT, default_model_dir
 
 TEXT = REPO_ROOT / "tests" / "data" / "perplexity.md"  # English Markdown, fixed
 FORMATS = ("float32", "bfloat16", "8bit", "4bit")
+OWN_LOOP_PROMPT = 8  # prompt ids for the own-loop decode figure (see measure)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -70,13 +116,16 @@ def format_settings(fmt: str, quant_dtype: str) -> tuple[str, int | None]:
 
 
 class Engine(Protocol):
-    """A model behind two calls: ``prefill(ids) -> (cache, logits)`` and ``step(token, cache)``."""
+    """A model behind two calls, ``prefill(ids) -> (cache, logits)`` and ``step(token, cache)``,
+    and its own greedy generation loop, ``own_loop(ids, n)`` (an iterator of token ids)."""
 
     name: str
 
     def prefill(self, ids: np.ndarray) -> tuple[object, mx.array]: ...
 
     def step(self, token: mx.array, cache: object) -> mx.array: ...
+
+    def own_loop(self, ids: np.ndarray, new_tokens: int) -> Iterator[int]: ...
 
 
 class Ours:
@@ -94,6 +143,15 @@ class Ours:
 
     def step(self, token: mx.array, cache: object) -> mx.array:
         return self.model(token, cache=cache)  # (1, 1, V)
+
+    def own_loop(self, ids: np.ndarray, new_tokens: int) -> Iterator[int]:
+        """minqwen2.generate, greedy: its MLX hook (Qwen2Model.greedy_tokens) decodes."""
+        from minqwen2.generate import generate
+        from minqwen2.sampling import SamplingParams
+
+        greedy = SamplingParams(temperature=0.0)
+        for r in generate(self.model, None, ids[0], max_tokens=new_tokens, sampling=greedy, eos_token_ids=[]):
+            yield r.token
 
 
 class MLXLM:
@@ -124,9 +182,22 @@ class MLXLM:
     def step(self, token: mx.array, cache: object) -> mx.array:
         return self.model(token, cache=cache).astype(mx.float32)  # (1, 1, V)
 
+    def own_loop(self, ids: np.ndarray, new_tokens: int) -> Iterator[int]:
+        """mlx_lm.generate.generate_step, greedy (its default sampler), async_eval pipelined."""
+        from mlx_lm.generate import generate_step
 
-def measure(engine: Engine, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill tok/s, decode tok/s, greedy tokens) with one harness for both engines."""
+        for token, _ in generate_step(mx.array(ids[0]), self.model, max_tokens=new_tokens):
+            yield int(token)
+
+
+def measure(engine: Engine, ids: np.ndarray, new_tokens: int) -> tuple[float, float, float, list[int]]:
+    """(prefill tok/s, decode tok/s, own-loop decode tok/s, greedy tokens).
+
+    Prefill and decode use one harness for both engines; the own-loop figure times the
+    engine's own generation loop from its first token to its last ((n - 1) decode steps),
+    after a prompt of the first OWN_LOOP_PROMPT ids (the prefill is measured above; a short
+    one keeps the run short, and at these lengths attention is a sliver of a step).
+    """
     t0 = time.perf_counter()
     cache, logits = engine.prefill(ids)
     mx.eval(logits)
@@ -138,7 +209,13 @@ def measure(engine: Engine, ids: np.ndarray, new_tokens: int) -> tuple[float, fl
         mx.eval(logits)
         tokens.append(token.item())
     t2 = time.perf_counter()
-    return ids.shape[1] / (t1 - t0), new_tokens / (t2 - t1), tokens
+    loop_tokens, t_first = [], 0.0
+    for token in engine.own_loop(ids[:, :OWN_LOOP_PROMPT], new_tokens):
+        loop_tokens.append(token)
+        if len(loop_tokens) == 1:
+            t_first = time.perf_counter()
+    own = (len(loop_tokens) - 1) / (time.perf_counter() - t_first)
+    return ids.shape[1] / (t1 - t0), new_tokens / (t2 - t1), own, tokens
 
 
 def uncompiled_swiglu() -> None:
@@ -208,36 +285,45 @@ def main() -> None:
             print(f"  {fmt}: loaded {engines[-1].name} in {time.perf_counter() - t:.1f} s", flush=True)
         for engine in engines:  # warm-up: first-call allocations, compilation
             measure(engine, ids[:, :4], 2)
-        results: dict[str, list[tuple[float, float, list[int]]]] = {e.name: [] for e in engines}
+        results: dict[str, list[tuple[float, float, float, list[int]]]] = {e.name: [] for e in engines}
+        loads = []
         for _ in range(args.runs):
             for engine in engines:
                 results[engine.name].append(measure(engine, ids, args.new_tokens))
+            loads.append(os.getloadavg()[0])
         for engine in engines:
             runs = results[engine.name]
-            prefill = statistics.median(r[0] for r in runs)
-            decode = statistics.median(r[1] for r in runs)
-            rows.append(
-                (fmt if bits is None else f"{fmt} ({dtype})", engine.name, prefill, decode, runs[0][2])
-            )
+            prefill, decode, own = (statistics.median(r[i] for r in runs) for i in range(3))
+            label = fmt if bits is None else f"{fmt} ({dtype})"
+            rows.append((label, engine.name, prefill, decode, own, runs[0][3], max(loads)))
             print(
-                f"  {fmt}: {engine.name:9s} prefill {prefill:7.2f} tok/s   decode {decode:6.2f} tok/s",
+                f"  {fmt}: {engine.name:9s} prefill {prefill:7.2f} tok/s   decode {decode:6.2f} tok/s   "
+                f"own loop {own:6.2f} tok/s   (load average up to {max(loads):.1f})",
                 flush=True,
             )
         del engines
         mx.clear_cache()
 
-    print("\n| format | engine | prefill tok/s | decode tok/s | decode vs mlx-lm | greedy tokens equal |")
-    print("|---|---|---:|---:|---:|---|")
+    print(
+        "\n| format | engine | prefill tok/s | decode tok/s | own-loop decode tok/s "
+        "| vs mlx-lm: prefill / decode / own loop | greedy tokens equal | load average |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---:|")
     by_format: dict[str, dict[str, tuple]] = {}
-    for fmt, name, prefill, decode, tokens in rows:
-        by_format.setdefault(fmt, {})[name] = (prefill, decode, tokens)
+    for fmt, name, *figures in rows:
+        by_format.setdefault(fmt, {})[name] = figures
     for fmt, engines in by_format.items():
         theirs = engines.get("mlx-lm")
-        for name, (prefill, decode, tokens) in engines.items():
-            ratio = f"{decode / theirs[1]:.2f}x" if theirs else "-"
-            same = ("yes" if tokens == theirs[2] else "no") if theirs and name != "mlx-lm" else ""
-            print(f"| {fmt} | {name} | {prefill:.2f} | {decode:.2f} | {ratio} | {same} |")
-
+        for name, (prefill, decode, own, tokens, load) in engines.items():
+            ratio = (
+                f"{prefill / theirs[0]:.2f}x / {decode / theirs[1]:.2f}x / {own / theirs[2]:.2f}x"
+                if theirs and name != "mlx-lm"
+                else ""
+            )
+            same = ("yes" if tokens == theirs[3] else "no") if theirs and name != "mlx-lm" else ""
+            print(
+                f"| {fmt} | {name} | {prefill:.2f} | {decode:.2f} | {own:.2f} | {ratio} | {same} | {load:.1f} |"
+            )
 
 if __name__ == "__main__":
     main()

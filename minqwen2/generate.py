@@ -18,8 +18,10 @@ An autoregressive model predicts one token at a time. Generating a reply is a lo
   one token's work instead of re-reading the whole context.
 
 The loop is the same for every backend: the model is called with NumPy ids and its
-logits are read with ``np.asarray`` (a NumPy array already, or an ``mx.array``), so this
-file holds no backend-specific code.
+logits are read with ``np.asarray`` (a NumPy array already, or an ``mx.array``). One hook
+is the exception, for speed: plain greedy decoding uses the model's ``greedy_tokens`` when
+it has one (the MLX model: the argmax stays on the device and each step is built while the
+previous one runs; see ``_generate_steps``).
 
 Text is streamed with the tokenizer's detokenizer, which never prints half a UTF-8
 character, and a stop string is never printed even when it arrives split across two
@@ -263,6 +265,17 @@ def _generate_steps(
     generated: list[int] = []
     token = sampler(logits, prompt_ids, generated)  # the first token comes from the prefill
     decode_seconds = 0.0  # time spent in decode steps, not in the caller between tokens
+
+    # The one backend hook: a model that can decode greedily on its own device (the MLX
+    # model's ``greedy_tokens``: argmax in MLX, each step's graph built while the previous
+    # step computes) does so when the sampling is a plain argmax, where it gives the same
+    # tokens as decode_step + the sampler. What it saves is the graph building and the
+    # logits' trip to NumPy: ~1% of a step on MLX's Linux CPU backend (3-10 ms of ~0.7 s),
+    # a large share on Apple silicon. Every other case takes the plain path below.
+    device_greedy = None
+    if hasattr(model, "greedy_tokens") and _plain_argmax(sampler.params):
+        still_wanted = min(max_tokens, context - len(prompt_ids)) - 1  # tokens after this one
+        device_greedy = model.greedy_tokens(token, cache, still_wanted)
     while True:
         generated.append(token)
         text, finish_reason = "", None
@@ -293,9 +306,23 @@ def _generate_steps(
             return
 
         tic = time.perf_counter()
-        logits = decode_step(model, cache, token)  # (V,)
-        token = sampler(logits, prompt_ids, generated)
+        if device_greedy is not None:
+            token = next(device_greedy)
+        else:
+            logits = decode_step(model, cache, token)  # (V,)
+            token = sampler(logits, prompt_ids, generated)
         decode_seconds += time.perf_counter() - tic
+
+
+def _plain_argmax(params: SamplingParams) -> bool:
+    """Greedy with nothing that edits the logits first: the next token is ``argmax(logits)``."""
+    return (
+        params.greedy
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logit_bias
+    )
 
 
 def _prompt_ids(tokenizer: Any, prompt: Any) -> np.ndarray:

@@ -352,3 +352,98 @@ def test_generate_runs_the_mlx_model_unchanged(tmp_path):
         )
         runs.append([r.token for r in responses])
     assert len(runs[0]) == 12 and runs[0] == runs[1]
+
+
+# --------------------------------------------------------------------------- device-side greedy decoding
+
+
+class WithoutGreedyTokens:
+    """The same MLX model without ``greedy_tokens``: generate.py then takes its plain path
+    (decode_step, logits to NumPy, the NumPy sampler's argmax)."""
+
+    def __init__(self, model: Qwen2Model) -> None:
+        self.model, self.config = model, model.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def make_cache(self, *args, **kwargs):
+        return self.model.make_cache(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("d", [TINY_DENSE, TINY_MOE], ids=["dense", "moe"])
+def test_device_greedy_gives_the_plain_loops_tokens(tmp_path, d, dtype):
+    """``greedy_tokens`` (argmax in MLX, pipelined with mx.async_eval) picks exactly the
+    tokens of the plain loop. Both compute the same logits with the same graph, so the
+    tokens must be identical, not merely close: no tolerance is involved."""
+    save_hf_checkpoint(random_hf_model(d, seed=12), tmp_path)
+    model = minqwen2.load_model(tmp_path, backend="mlx", dtype=dtype)
+    greedy = SamplingParams(temperature=0.0)
+    prompt = [3, 14, 15, 92, 65, 35]
+    for max_tokens in (1, 2, 25):
+        runs = [
+            [r.token for r in generate(m, None, prompt, max_tokens=max_tokens, sampling=greedy, eos_token_ids=[])]
+            for m in (model, WithoutGreedyTokens(model))
+        ]
+        assert len(runs[0]) == max_tokens and runs[0] == runs[1]
+    # And stopping at an end-of-turn id: the same tokens up to it.
+    eos = runs[1][7]
+    runs = [
+        [r.token for r in generate(m, None, prompt, max_tokens=25, sampling=greedy, eos_token_ids=[eos])]
+        for m in (model, WithoutGreedyTokens(model))
+    ]
+    assert runs[0] == runs[1] and runs[0][-1] == eos
+
+
+def test_device_greedy_runs_one_step_ahead_and_no_further(tmp_path):
+    """Each decoded token's step is launched before the previous token is read (the cache
+    is one token ahead of what was yielded), and no step is launched past ``max_tokens``."""
+    save_hf_checkpoint(random_hf_model(TINY_DENSE, seed=13), tmp_path)
+    model = minqwen2.load_model(tmp_path, backend="mlx", dtype="float32")
+    prompt = np.array([[3, 14, 15, 92]])
+    for n in (0, 1, 5):
+        cache = model.make_cache()
+        first = int(np.argmax(np.array(model(prompt, cache=cache))[0, -1]))
+        tokens = model.greedy_tokens(first, cache, n)
+        assert cache.offset == 4  # nothing runs before the first token is asked for
+        for k in range(n):
+            next(tokens)
+            assert cache.offset == 4 + min(k + 2, n)  # k + 1 read, one more in flight, capped
+        assert list(tokens) == [] and cache.offset == 4 + n
+
+
+def test_device_greedy_is_used_only_for_a_plain_argmax(tmp_path):
+    """A penalty or a logit bias edits the logits on the host: generate.py must then take
+    the plain path, and the hook must not be called."""
+    save_hf_checkpoint(random_hf_model(TINY_DENSE, seed=14), tmp_path)
+    model = minqwen2.load_model(tmp_path, backend="mlx", dtype="float32")
+
+    class Refusing(WithoutGreedyTokens):
+        def greedy_tokens(self, *args, **kwargs):
+            raise AssertionError("greedy_tokens must not be used with these sampling settings")
+
+    for params in (
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0.0, logit_bias={5: 3.0}),
+        SamplingParams(temperature=0.7),
+    ):
+        tokens = [r.token for r in generate(Refusing(model), None, [3, 14, 15], max_tokens=6, sampling=params,
+                                            seed=0, eos_token_ids=[])]  # fmt: skip
+        assert tokens == [r.token for r in generate(model, None, [3, 14, 15], max_tokens=6, sampling=params,
+                                                    seed=0, eos_token_ids=[])]  # fmt: skip
+
+
+def test_device_greedy_keeps_the_float16_overflow_guard(tmp_path):
+    """The float16 overflow that ``__call__`` turns into an error is one in the device loop
+    too (test_float16_runs_and_its_overflow_is_an_error builds the same overflow)."""
+    save_hf_checkpoint(random_hf_model(TINY_DENSE, seed=3), tmp_path)
+    config = minqwen2.load_model(tmp_path, backend="mlx", dtype="float16").config
+    weights = to_mlx(load_weights(tmp_path, config), mx.float16)
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name] * 2e4
+    model = Qwen2Model(config, weights, dtype=mx.float16)
+    with pytest.raises(MinQwen2Error, match="bfloat16"):
+        next(model.greedy_tokens(3, model.make_cache(), 4))
