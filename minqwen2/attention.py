@@ -44,6 +44,9 @@ from minqwen2.errors import WeightsError
 from minqwen2.kv_cache import LayerKVCache
 from minqwen2.rope import apply_rotary_pos_emb
 
+#: Queries per block when a long prompt's attention is computed (``Attention.__call__``).
+QUERY_BLOCK = 128
+
 
 def causal_mask(T: int, S: int, window: int | None = None) -> np.ndarray:
     """Which keys each query may see: a boolean ``(T, S)`` array, True = visible.
@@ -142,6 +145,7 @@ class Attention:
         self.hidden_size = C = config.hidden_size
         self.window = config.window_for_layer(layer_idx)  # W, or None for full causal attention
         self.scaling = D**-0.5  # 1/sqrt(D) keeps q·k of unit-variance vectors at unit variance
+        self.query_block = QUERY_BLOCK  # queries per block of the score computation (see __call__)
 
         shapes = {
             "q_proj.weight": (H * D, C),
@@ -191,8 +195,20 @@ class Attention:
             k, v = cache.update(k, v)  # (B, K, S, D): cached + new
         S = k.shape[2]
 
-        mask = causal_mask(T, S, self.window)  # (T, S), aligned to the end of the cache
-        out = grouped_query_attention(q, k, v, mask, self.scaling)  # (B, H, T, D)
+        out = np.empty((B, H, T, D), dtype=np.float32)  # (B, H, T, D)
+        for t0 in range(0, T, self.query_block):
+            # Queries in blocks of `query_block` rows (one block when decoding). Block
+            # [t0, t1) sits at absolute positions S - T + t0 .. S - T + t1 - 1, so no row of
+            # it sees a key at or after S - T + t1: those columns are left out instead of
+            # masked. For a 512-token prompt that skips almost half of the scores, and a
+            # block's (B, H, 128, S) scores stay in the CPU cache while softmax passes over
+            # them; prefill runs about x% faster. The result is the same up to round-off.
+            t1 = min(t0 + self.query_block, T)
+            S_visible = S - T + t1  # keys 0 .. S_visible - 1 exist for this block
+            mask = causal_mask(t1 - t0, S_visible, self.window)  # (t1 - t0, S_visible), end-aligned
+            out[:, :, t0:t1] = grouped_query_attention(
+                q[:, :, t0:t1], k[:, :, :S_visible], v[:, :, :S_visible], mask, self.scaling
+            )  # (B, H, t1 - t0, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
         out = out @ self.o_proj_weight.T  # (B, T, C)
         assert out.dtype == np.float32, out.dtype

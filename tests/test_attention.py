@@ -148,11 +148,14 @@ def test_causal_mask_matches_hf_mask_functions(T, cached, window):
     start=st.sampled_from([0, 7, 32767, 131072, 200003]),
     per_sequence_positions=st.booleans(),
     seed=st.integers(0, 2**16),
+    query_block=st.integers(1, 16),
 )
-def test_matches_hf_attention(case, impl, B, T, start, per_sequence_positions, seed):
-    """A full forward without cache, at positions up to and beyond 131,072."""
+def test_matches_hf_attention(case, impl, B, T, start, per_sequence_positions, seed, query_block):
+    """A full forward without cache, at positions up to and beyond 131,072; the queries in
+    blocks of ``query_block`` rows (one block when it is >= T)."""
     d, layer_idx = case
     cfg, hf, ours = make_pair(d, layer_idx, impl, seed)
+    ours.query_block = query_block
     assert ours.window == getattr(hf, "sliding_window", None)  # the same layers slide, same W
     x = random_x(np.random.default_rng(seed), B, T, d["hidden_size"])
     xt = torch.from_numpy(x)
@@ -178,8 +181,9 @@ def test_matches_hf_attention(case, impl, B, T, start, per_sequence_positions, s
     chunks=st.lists(st.integers(1, 7), min_size=2, max_size=6),
     capacity=st.integers(1, 6),
     seed=st.integers(0, 2**16),
+    query_block=st.integers(1, 8),
 )
-def test_cached_decoding_matches_hf_dynamic_cache(case, impl, B, chunks, capacity, seed):
+def test_cached_decoding_matches_hf_dynamic_cache(case, impl, B, chunks, capacity, seed, query_block):
     """Prefill then further chunks (often single tokens): queries shorter than the keys.
 
     HF's ``DynamicCache`` keeps only ``W - 1`` keys on sliding layers and shifts its mask
@@ -188,6 +192,7 @@ def test_cached_decoding_matches_hf_dynamic_cache(case, impl, B, chunks, capacit
     """
     d, layer_idx = case
     cfg, hf, ours = make_pair(d, layer_idx, impl, seed)
+    ours.query_block = query_block  # chunks longer than a block run in several blocks
     rng = np.random.default_rng(seed)
     hf_cache = DynamicCache(config=cfg)
     cache = LayerKVCache(B, ours.num_kv_heads, ours.head_dim, capacity)
