@@ -384,6 +384,10 @@ class LazyTensors(Mapping[str, np.ndarray]):
     Every lookup reads the tensor again into a new array (tied embeddings excepted: both
     names give the one array), so whoever holds an array owns it, and an array nobody
     holds is freed. Iterating gives the names without reading anything.
+
+    A consequence: do not detect shared tensors by ``id()`` of looked-up arrays (as
+    ``quantize_mlx.to_mlx`` does on the mapped dict): a freed array's id can be reused by
+    the next one. Compare names instead (the tie is ``lm_head.weight`` / ``embed_tokens``).
     """
 
     def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]) -> None:
