@@ -471,13 +471,22 @@ class MLXRunner:
         logits = self.model(ids, cache=cache, last_only=True)  # (1, 1, V)
         mx.eval(logits)  # MLX is lazy: without eval nothing has run yet
         t1 = time.perf_counter()
-        tokens = []
-        for _ in range(new_tokens):
-            token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
-            logits = self.model(token, cache=cache)  # (1, 1, V)
-            mx.eval(logits)
-            tokens.append(token.item())
+        tokens = mlx_greedy_decode(mx, self.model, logits, cache, new_tokens)
         return t1 - t0, time.perf_counter() - t1, tokens
+
+
+def mlx_greedy_decode(mx: Any, model: Any, logits: Any, cache: Any, new_tokens: int) -> list[int]:
+    """The decode loop both MLX engines (ours and mlx-lm) are timed with: the same harness.
+
+    Argmax on the device, one forward pass per token, each step evaluated before the next.
+    """
+    tokens = []
+    for _ in range(new_tokens):
+        token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
+        logits = model(token, cache=cache)  # (1, 1, V)
+        mx.eval(logits)
+        tokens.append(token.item())
+    return tokens
 
 
 class MLXLMRunner:
@@ -516,12 +525,7 @@ class MLXLMRunner:
         logits = self.head(h[:, -1:, :])  # (1, 1, V): the last position only, as ours
         mx.eval(logits)
         t1 = time.perf_counter()
-        tokens = []
-        for _ in range(new_tokens):
-            token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]  # (1, 1)
-            logits = self.model(token, cache=cache)  # (1, 1, V)
-            mx.eval(logits)
-            tokens.append(token.item())
+        tokens = mlx_greedy_decode(mx, self.model, logits, cache, new_tokens)
         return t1 - t0, time.perf_counter() - t1, tokens
 
 
