@@ -246,5 +246,8 @@ def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None 
         return Qwen2Model(config, weights, dtype=mx_dtype)
 
     config = Qwen2Config.from_file(config_path)
-    weights = to_mlx(load_weights(path, config), mx_dtype)
+    # mmap=False: each tensor is read into memory, copied into MLX and freed (to_mlx), so
+    # the float32 file is never resident beside the MLX copy: the 0.5B model's float32 load
+    # peaked at 4.74 GiB with the file mapped, 2.92 GiB this way.
+    weights = to_mlx(load_weights(path, config, mmap=False), mx_dtype)
     return Qwen2Model(config, quantize_weights(weights, bits) if bits else weights, dtype=mx_dtype)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,15 +258,22 @@ def to_mlx(weights: Mapping[str, np.ndarray], dtype: mx.Dtype) -> dict[str, mx.a
     """NumPy float32 weights (``weights.load_weights``) to MLX arrays of ``dtype``.
 
     Arrays shared between names (a tied head) stay shared. Each tensor is evaluated as it
-    is converted, so the float32 copies never pile up in memory.
+    is converted, so the float32 copies never pile up in memory: with the loader's
+    ``mmap=False`` mapping, each NumPy array is read, copied into MLX and freed in turn.
     """
     out: dict[str, mx.array] = {}
-    done: dict[int, mx.array] = {}
-    for name, w in weights.items():
-        if id(w) not in done:
-            done[id(w)] = mx.array(np.ascontiguousarray(w)).astype(dtype)
-            mx.eval(done[id(w)])
-        out[name] = done[id(w)]
+    # id(array) -> (a weak reference to that array, its MLX copy). Sharing means "the same
+    # *live* object": an array read from disk and freed may have its id() reused by the
+    # next one, and the weak reference (dead by then) tells the two apart.
+    done: dict[int, tuple[weakref.ref[np.ndarray], mx.array]] = {}
+    for name in weights:
+        w = weights[name]
+        seen = done.get(id(w))
+        if seen is None or seen[0]() is not w:
+            converted = mx.array(np.ascontiguousarray(w)).astype(dtype)
+            mx.eval(converted)
+            done[id(w)] = (weakref.ref(w), converted)
+        out[name] = done[id(w)][1]
     return out
 
 
@@ -315,7 +323,7 @@ def save_quantized(
 
     config_path = model_dir / "config.json"
     config = Qwen2Config.from_file(config_path)
-    weights = quantize_weights(to_mlx(load_weights(model_dir, config), DTYPES[dtype]), bits)
+    weights = quantize_weights(to_mlx(load_weights(model_dir, config, mmap=False), DTYPES[dtype]), bits)
 
     arrays: dict[str, mx.array] = {}
     for name, w in weights.items():

@@ -188,6 +188,29 @@ def test_float16_runs_and_its_overflow_is_an_error(tmp_path):
     assert np.isfinite(np.array(Qwen2Model(ours.config, weights, dtype=mx.bfloat16)(ids))).all()
 
 
+def test_to_mlx_on_lazily_read_weights_shares_only_the_tied_head():
+    """``to_mlx`` on the loader's ``mmap=False`` mapping, where every lookup reads a fresh
+    array and the previous one is freed: CPython hands a freed array's id() to the next
+    array of the same size, so sharing judged by id() alone would give later tensors an
+    earlier tensor's values. Each name must get its own values; a tied head (one live
+    array under two names) stays one MLX array."""
+    from functools import cache
+
+    from minqwen2.weights import LazyTensors
+
+    def reader(value: float):
+        return lambda: np.full((64, 32), value, dtype=np.float32)  # same size: ids get reused
+
+    readers = {f"model.layers.{i}.w": reader(float(i)) for i in range(20)}
+    readers["model.embed_tokens.weight"] = cache(reader(-1.0))
+    readers["lm_head.weight"] = readers["model.embed_tokens.weight"]  # tied, as load_weights does
+    out = to_mlx(LazyTensors(readers), mx.float32)
+    for i in range(20):
+        assert np.array(out[f"model.layers.{i}.w"]).tolist() == np.full((64, 32), float(i)).tolist(), i
+    assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+    assert float(out["lm_head.weight"][0, 0].item()) == -1.0
+
+
 # --------------------------------------------------------------------------- quantized weights
 
 # Sizes for quantization: every input dimension a multiple of the group size 64 except
