@@ -24,7 +24,10 @@ The engines (``--engines``; the default is all of them)
 * ``hf-float32``, ``hf-bfloat16``: HF transformers (needs torch), its default attention;
 * ``mlx-lm-float32``, ``-bfloat16``, ``-8bit``, ``-4bit``: mlx-lm in each of our MLX formats;
 * ``llama-cpp``: llama-cpp-python on ``weights/<model name>.gguf`` (the file the default
-  model was converted from), if both exist.
+  model was converted from, for Qwen2.5-Coder-0.5B-Instruct a mixed 4-8-bit file), if both
+  exist; ``llama-cpp-f32``: the same on ``weights/<model name>-f32.gguf``, that file's
+  float32 twin, written on first use (:func:`write_f32_gguf`): llama.cpp running the very
+  float32 weights the NumPy and HF float32 engines run.
 
 ``--quick`` (a fast look): a 32-token prompt, 8 new tokens, one run, float32 engines only.
 ``--mlx-prompt-tokens`` / ``--mlx-new-tokens`` shorten the run of the MLX and mlx-lm
@@ -192,6 +195,7 @@ ENGINES: tuple[EngineSpec, ...] = (
     EngineSpec("numpy", "numpy", "float32", None, _REFERENCE_GROUP),
     EngineSpec("hf-float32", "hf", "float32", None, _REFERENCE_GROUP),
     EngineSpec("hf-bfloat16", "hf", "bfloat16", None, _REFERENCE_GROUP),
+    EngineSpec("llama-cpp-f32", "llama-cpp", "float32", None, _REFERENCE_GROUP),
     EngineSpec("llama-cpp", "llama-cpp", "float32", None, _REFERENCE_GROUP),
     *_mlx_pair("float32", "float32", None),
     *_mlx_pair("bfloat16", "bfloat16", None),
@@ -562,10 +566,20 @@ class LlamaCppRunner:
     def __init__(self, gguf: str, capacity: int, **_: Any) -> None:
         import llama_cpp
 
+        self.llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(
             model_path=gguf, n_ctx=capacity, n_threads=os.cpu_count() or 1, logits_all=False, verbose=False
         )
         self.version = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last position evaluated, ``(V,)``, read from llama.cpp's context.
+
+        With ``logits_all=False`` (only the last position's lm_head, as ours), recent
+        llama-cpp-python versions keep no copy in ``Llama.scores``: ask the C API.
+        """
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         llm = self.llm
@@ -575,7 +589,7 @@ class LlamaCppRunner:
         t1 = time.perf_counter()
         tokens = []
         for _ in range(new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the last position's logits
+            token = int(np.argmax(self.last_logits()))
             tokens.append(token)
             llm.eval([token])
         return t1 - t0, time.perf_counter() - t1, tokens
@@ -756,6 +770,44 @@ def gguf_beside(model_dir: Path) -> Path:
     return model_dir.parent / f"{model_dir.name}.gguf"
 
 
+def gguf_for(spec: EngineSpec, model_dir: Path) -> Path:
+    """The file a llama-cpp engine runs: the original GGUF, or its float32 twin for ``-f32``."""
+    original = gguf_beside(model_dir)
+    return original.with_name(f"{model_dir.name}-f32.gguf") if spec.name.endswith("-f32") else original
+
+
+def write_f32_gguf(src: Path, dst: Path) -> Path:
+    """Write ``dst``: ``src`` with every tensor dequantized to F32 and the same metadata.
+
+    The tensors are decoded by the converter's own call (``gguf_convert.dequantize_rows``),
+    so llama.cpp reads exactly the float32 numbers in our ``model.safetensors``. The file
+    is written beside ``dst`` and renamed at the end: an interrupted write leaves no
+    half-written GGUF for llama.cpp to trip over. Returns ``dst``.
+    """
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+
+    from minqwen2.gguf_convert import dequantize_rows, logical_shape
+
+    reader = GGUFReader(src)
+    partial = dst.with_name(dst.name + ".partial")
+    writer = GGUFWriter(partial, reader.fields["general.architecture"].contents())
+    for key, meta in reader.fields.items():
+        # GGUF.* (version, counts) and the two keys set below are the writer's to write.
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = meta.types[1] if meta.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, meta.contents(), meta.types[0], sub_type=sub_type)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, dequantize_rows(tensor.data, tensor).reshape(logical_shape(tensor)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(dst)
+    return dst
+
+
 @dataclass
 class _Measured:
     """One engine's results: per run (prefill tok/s, decode tok/s, greedy tokens), peak RSS."""
@@ -906,10 +958,17 @@ def _run_group(
         T, n = settings.prompt_tokens_for(spec), settings.new_tokens_for(spec)
         kwargs: dict[str, Any] = {"path": settings.model_dir, "dtype": spec.dtype, "bits": spec.bits,
                                   "capacity": capacity, "mlx_lm_site": settings.mlx_lm_site}  # fmt: skip
-        if spec.family == "llama-cpp":
-            kwargs["gguf"] = str(gguf_beside(settings.model_dir))
         worker = None
         try:
+            if spec.family == "llama-cpp":
+                gguf = gguf_for(spec, settings.model_dir)
+                if not gguf.is_file():  # the float32 twin, on first use
+                    log(f"  writing {gguf.name} (every tensor of {gguf_beside(settings.model_dir).name} as F32) ...")
+                    try:
+                        write_f32_gguf(gguf_beside(settings.model_dir), gguf)
+                    except Exception as err:  # a full disk, an unreadable file: skip the engine, say why
+                        raise EngineFailed(f"could not write {gguf}: {_one_line(err)}") from err
+                kwargs["gguf"] = str(gguf)
             worker = Worker(spec.family, **kwargs)
             log(f"  loaded {spec.name} ({worker.info['version']}) in {worker.info['load_s']:.1f} s")
             worker.call("run", ids[:, :T], min(settings.warmup_tokens, n))  # warm-up
@@ -957,7 +1016,7 @@ def _engine_record(
     """One engine's entry of ``bench.json``: medians, the computed costs, the ratios."""
     spec = m.spec
     if spec.family == "llama-cpp":
-        nbytes, fmt = gguf_bytes_per_token(gguf_beside(settings.model_dir))
+        nbytes, fmt = gguf_bytes_per_token(gguf_for(spec, settings.model_dir))
     else:
         nbytes, fmt = weight_bytes_per_token(config, spec.dtype, spec.bits), spec.format
     flops = prefill_flops_per_token(config, m.prompt_tokens)

@@ -307,3 +307,31 @@ def test_missing_model_fails_with_one_line_in_a_subprocess(tmp_path):
     assert result.returncode == 1
     assert "no-such-model" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_f32_gguf_twin_has_the_same_metadata_and_the_converted_weights(tmp_path):
+    """``llama-cpp-f32`` runs ``write_f32_gguf``'s file: the original's metadata, every tensor
+    F32, and the converter reads the very same float32 numbers from both files."""
+    import gguf
+    from helpers import as_reference
+    from test_gguf_convert import DENSE, write_gguf
+
+    from minqwen2.gguf_convert import convert_gguf
+
+    Q = gguf.GGMLQuantizationType
+    types = {"token_embd.weight": Q.Q8_0, "blk.1.attn_q.weight": Q.Q5_0, "output.weight": Q.F16}
+    src = write_gguf(tmp_path / "m.gguf", as_reference(random_hf_model(DENSE, seed=2)), types=types)
+    twin = bench.write_f32_gguf(src, tmp_path / "m-f32.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f32.gguf", "m.gguf"], "no partial file left"
+
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(twin)
+    meta = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.") and k != "general.file_type"}
+    assert {k: b.fields[k].contents() for k in meta} == meta
+    assert b.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    assert [t.name for t in b.tensors] == [t.name for t in a.tensors]
+    assert {t.tensor_type for t in b.tensors} == {Q.F32}
+    original = load_file(convert_gguf(src, tmp_path / "from-original", progress=False) / "model.safetensors")
+    from_twin = load_file(convert_gguf(twin, tmp_path / "from-twin", progress=False) / "model.safetensors")
+    assert original.keys() == from_twin.keys()
+    for name in original:
+        np.testing.assert_array_equal(from_twin[name], original[name], err_msg=name)
