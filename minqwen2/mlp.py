@@ -61,7 +61,15 @@ class MLP:
         #     gate, up = x @ gate.T, x @ up.T
         # One BLAS call instead of two, one pass over x, and for a prompt a wider product,
         # which BLAS runs a little more efficiently. The weights are copied once, at load.
-        self.gate_up_proj = np.concatenate([gate, up], axis=0)  # (2F, C)
+        #
+        # Stored column-major (Fortran order): the same (2F, C) matrix, but laid out as its
+        # transpose (C, 2F) is in row-major order, so `x @ gate_up_proj.T` multiplies by a
+        # contiguous matrix. For one token that picks OpenBLAS's "no-transpose"
+        # matrix-vector kernel, which streams this wide matrix faster than the other:
+        # 2.07 -> 1.74 ms per layer on our 2-core test machine, ~8 ms of a ~125 ms decode
+        # step. (down_proj, (C, F), and the attention projections measured the other way
+        # round: they stay row-major.)
+        self.gate_up_proj = np.asfortranarray(np.concatenate([gate, up], axis=0))  # (2F, C), column-major
         self.down_proj = down  # (C, F)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
