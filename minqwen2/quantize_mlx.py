@@ -254,24 +254,34 @@ def quantize_weights(weights: Mapping[str, mx.array], bits: int) -> dict[str, We
     return out
 
 
-def to_mlx(weights: Mapping[str, np.ndarray], dtype: mx.Dtype) -> dict[str, mx.array]:
+def to_mlx(weights: Mapping[str, np.ndarray], dtype: mx.Dtype, bits: int | None = None) -> dict[str, Weight]:
     """NumPy float32 weights (``weights.load_weights``) to MLX arrays of ``dtype``.
+
+    With ``bits``, every tensor :func:`is_quantizable` picks is quantized as soon as it is
+    converted: the same model as ``quantize_weights(to_mlx(weights, dtype), bits)``, but
+    only one tensor is ever held unquantized.
 
     Arrays shared between names (a tied head) stay shared. Each tensor is evaluated as it
     is converted, so the float32 copies never pile up in memory: with the loader's
     ``mmap=False`` mapping, each NumPy array is read, copied into MLX and freed in turn.
     """
-    out: dict[str, mx.array] = {}
+    if bits is not None and bits not in BITS:
+        raise MinQwen2Error(f"bits = {bits!r} is not supported; expected one of {list(BITS)}")
+    out: dict[str, Weight] = {}
     # id(array) -> (a weak reference to that array, its MLX copy). Sharing means "the same
     # *live* object": an array read from disk and freed may have its id() reused by the
     # next one, and the weak reference (dead by then) tells the two apart.
-    done: dict[int, tuple[weakref.ref[np.ndarray], mx.array]] = {}
+    done: dict[int, tuple[weakref.ref[np.ndarray], Weight]] = {}
     for name in weights:
         w = weights[name]
         seen = done.get(id(w))
         if seen is None or seen[0]() is not w:
-            converted = mx.array(np.ascontiguousarray(w)).astype(dtype)
-            mx.eval(converted)
+            converted: Weight = mx.array(np.ascontiguousarray(w)).astype(dtype)
+            if bits is not None and is_quantizable(name, tuple(w.shape)):
+                converted = quantize_weight(converted, bits)
+                mx.eval(converted.packed, converted.scales, converted.biases)
+            else:
+                mx.eval(converted)
             done[id(w)] = (weakref.ref(w), converted)
         out[name] = done[id(w)][1]
     return out
@@ -323,7 +333,7 @@ def save_quantized(
 
     config_path = model_dir / "config.json"
     config = Qwen2Config.from_file(config_path)
-    weights = quantize_weights(to_mlx(load_weights(model_dir, config, mmap=False), DTYPES[dtype]), bits)
+    weights = to_mlx(load_weights(model_dir, config, mmap=False), DTYPES[dtype], bits)
 
     arrays: dict[str, mx.array] = {}
     for name, w in weights.items():

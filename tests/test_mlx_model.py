@@ -277,6 +277,25 @@ def test_quantized_model_computes_the_dequantized_model(quant_checkpoint, bits):
     np.testing.assert_allclose(steps, expected, rtol=0, atol=QUANT_ATOL)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantizing_while_converting_gives_the_same_weights(quant_checkpoint, bits):
+    """``to_mlx(..., bits)`` (what ``load`` does: one tensor unquantized at a time) gives
+    bit for bit the weights of converting everything, then quantizing; a tied head stays
+    one quantized tensor."""
+    config = Qwen2Config.from_file(quant_checkpoint / "config.json")
+    streamed = to_mlx(load_weights(quant_checkpoint, config, mmap=False), mx.float32, bits)
+    whole = quantize_weights(to_mlx(load_weights(quant_checkpoint, config), mx.float32), bits)
+    assert streamed.keys() == whole.keys()
+    for name, w in whole.items():
+        got = streamed[name]
+        assert type(got) is type(w), name
+        parts = (lambda q: (q.packed, q.scales, q.biases)) if isinstance(w, QuantizedWeight) else (lambda a: (a,))
+        for a, b in zip(parts(got), parts(w), strict=True):
+            np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
+    if config.tie_word_embeddings:
+        assert streamed["lm_head.weight"] is streamed["model.embed_tokens.weight"]
+
+
 @pytest.mark.parametrize("bits, dtype", [(4, "bfloat16"), (8, "float32")])
 def test_quantized_checkpoint_loads_the_same_model_without_requantizing(
     quant_checkpoint, tmp_path, bits, dtype
