@@ -18,7 +18,8 @@ ceiling is fast; one at 20% has work left, whatever the other engines do.
 
 The engines (``--engines``; the default is all of them)
 -------------------------------------------------------
-* ``numpy``: minqwen2's NumPy model, float32 (``load(backend="numpy")``);
+* ``numpy``: minqwen2's NumPy model, float32 (``load(backend="numpy")``), the prompt fed
+  as ``generate.prefill`` feeds it (512-token chunks; llama.cpp's default batch is 512 too);
 * ``mlx-float32``, ``mlx-bfloat16``: minqwen2's MLX model (``backend="mlx", dtype=...``);
 * ``mlx-8bit``, ``mlx-4bit``: the same, quantized at load (``bits=8|4``, group size 64);
 * ``hf-float32``, ``hf-bfloat16``: HF transformers (needs torch), its default attention;
@@ -446,15 +447,19 @@ class NumpyRunner:
         self.version = "minqwen2 (NumPy)"
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        from minqwen2.generate import prefill
+
         cache = self.model.make_cache(capacity=ids.shape[1] + new_tokens)
         t0 = time.perf_counter()
-        logits = self.model(ids, cache=cache, last_only=True)  # (1, 1, V)
+        # The prompt as `minqwen2 generate` and the chat feed it: in chunks of
+        # generate.PREFILL_CHUNK_SIZE (512) tokens, which bounds the activations' memory.
+        logits = prefill(self.model, cache, ids[0])  # (V,)
         t1 = time.perf_counter()
         tokens = []
         for _ in range(new_tokens):
-            token = int(np.argmax(logits[0, -1]))
+            token = int(np.argmax(logits))
             tokens.append(token)
-            logits = self.model(np.array([[token]]), cache=cache)  # (1, 1, V)
+            logits = self.model(np.array([[token]]), cache=cache)[0, -1]  # (V,)
         return t1 - t0, time.perf_counter() - t1, tokens
 
 

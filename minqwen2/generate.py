@@ -12,8 +12,11 @@ An autoregressive model predicts one token at a time. Generating a reply is a lo
 * **Prefill** is "force the next token from the prompt" (llama2.c): the prompt's tokens
   are known, so one forward pass computes all their keys and values at once and keeps
   only the last position's logits. A long prompt goes through in chunks of
-  ``prefill_chunk_size`` tokens, because attention materialises a ``(H, T, S)`` score
-  array: 14 heads × 32k × 32k float32 is 60 GB in one go, 0.9 GB per 512-token chunk.
+  ``prefill_chunk_size`` tokens, because a forward pass holds its activations for all
+  of its tokens at once: the MLP's ``(T, 2F)`` product of the 0.5B model is 1.3 GB for
+  32k tokens, 20 MB for a 512-token chunk; and the MLX attention on a CPU materialises a
+  ``(H, T, S)`` score array, 60 GB for 32k tokens in one go, 0.9 GB per chunk. (The NumPy
+  attention computes its scores in small blocks of queries whatever T is.)
 * **Decode** feeds one token per step; the KV cache (kv_cache.py) makes each step cost
   one token's work instead of re-reading the whole context.
 
