@@ -200,34 +200,45 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # decoder layer and the 544 MB `lm_head` — 1.98 GB — so at this machine's bandwidth it
 # cannot beat `bandwidth / 1.98 GB` tokens per second. `make bench` (`minqwen2 bench`)
 # measures the bandwidth and every engine in the same run; on our development machine
-# (2 cores; memory read 20.5 GB/s, float32 matmul 136 GFLOP/s, both measured in the run),
-# for a 512-token prompt and 128 greedy tokens, it found:
+# (2 cores; memory read 21.6 GB/s, float32 matmul 137 GFLOP/s, both the best of six
+# measurements in the run), for a 512-token prompt and 128 greedy tokens, it found:
 #
-# | engine | prefill tok/s | of the compute ceiling (184) | decode tok/s | of the bandwidth ceiling |
+# | engine | prefill tok/s | of the compute ceiling (185) | decode tok/s | of the bandwidth ceiling |
 # |---|---|---|---|---|
-# | minqwen2 NumPy, float32 | 121.5 | 66% | 7.04 | 68% of 10.4 |
-# | HF transformers, float32 | 103.8 | 56% | 3.70 | 36% of 10.4 |
-# | HF transformers, bfloat16 | 22.2 | 12% | 6.88 | 33% of 20.7 |
+# | minqwen2 NumPy, float32 | 118.5 | 64% | 7.89 | 72% of 11.0 |
+# | llama.cpp, the same weights as an F32 GGUF | 107.1 | 58% | 8.29 | 76% of 11.0 |
+# | HF transformers, float32 | 110.6 | 60% | 3.85 | 35% of 11.0 |
+# | HF transformers, bfloat16 | 21.4 | 12% | 7.20 | 33% of 21.9 |
 #
-# The bandwidth itself varied from 15.7 to 20.5 GB/s between measurements of that run (the
-# machine is shared); against the median, 17 GB/s, the NumPy decode is at 82%.
+# All three float32 engines chose the same 128 greedy tokens. The bandwidth itself varied
+# from 16.9 to 21.6 GB/s between measurements of that run (the machine is shared); against
+# the median, 19.3 GB/s, the NumPy decode is at 81% of the ceiling and llama.cpp's at 85%.
+# From run to run the two trade places (NumPy 7.5-8.9 tok/s, llama.cpp 7.6-10.0 in six
+# runs of two benchmarks): on this machine they decode at the same speed, within its noise.
 #
-# Where a NumPy decode step's time goes (profiled on that machine, 141 ms a token): the
-# MLP's two matrix-vector products 77 ms, the `lm_head` 30 ms, attention 23 ms (12 of them
-# its projections), the 49 RMSNorms 6 ms, everything else 4 ms. The matrix-vector products
-# run at the bandwidth; what is left over is the ~60 small NumPy operations per layer,
-# each a few microseconds. What made the step fast, each trick commented where it lives:
+# Where a NumPy decode step's time goes (timed section by section on that machine, 116 ms a
+# token): the matrix-vector products 100 ms — the MLP's gate/up 39 and down 21, the
+# `lm_head` 29, the attention projections 11 — then attention over the cache 7 ms, the 49
+# RMSNorms 3, RoPE, biases and head splitting 2, SiLU 2, the cache update and mask 1. The
+# products run at the bandwidth; what is left is ~40 small NumPy operations per layer, each
+# a few microseconds — most of all the first one after each product, which finds the CPU
+# caches emptied by the megabytes of weights just streamed through them. What made the
+# step fast, each trick commented where it lives:
 #
 # * the weights in ordinary memory, read once at load (`weights.py`, `mmap=False`), not
 #   mapped from the file: the kernel backs large arrays with 2 MiB pages, and the
 #   `lm_head` product fell from 33 to 26 ms;
-# * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`);
+# * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`),
+#   the latter stored column-major so that OpenBLAS picks its faster matrix-vector kernel
+#   for it (2.07 → 1.74 ms a layer);
 # * the cache written in place, never concatenated (`kv_cache.py`);
 # * the `lm_head` only for the last position during prefill (`last_only`), which saves
 #   151,936 × 896 multiply-adds for every other prompt token;
-# * in prefill, scores computed per block of 128 queries, leaving out the keys none of
-#   the block may see (`attention.py`: the attention core went from 1.0 to 0.45 s of a
-#   512-token prefill), and softmax and SiLU computed in place.
+# * in prefill, scores computed per block of queries small enough for the CPU's caches,
+#   leaving out the keys none of the block may see; the softmax's scale and division moved
+#   from the (T, S) scores to the (T, D) queries and outputs (`attention.py`: one layer's
+#   attention over a 4,096-token prompt went from 1.32 to 0.65 s); softmax and SiLU in
+#   place; RMSNorm without needless conversions (`rmsnorm.py`: 7.7 → 3.2 ms a step).
 #
 # The cell below prints the figures of the last `make bench` run on *your* machine, if
 # there is one.
@@ -244,7 +255,7 @@ if bench_path.is_file():
     print_table(
         [[e["name"], f"{e['prefill_tok_s']:.1f}", f"{e['prefill_fraction']:.0%}", f"{e['decode_tok_s']:.2f}",
           f"{e['decode_ceiling_tok_s']:.1f}", f"{e['decode_fraction']:.0%}"]
-         for e in bench["engines"] if e["name"] in ("numpy", "hf-float32", "hf-bfloat16")],
+         for e in bench["engines"] if e["name"] in ("numpy", "llama-cpp-f32", "hf-float32", "hf-bfloat16")],
         ["engine", "prefill tok/s", "of compute ceiling", "decode tok/s", "ceiling tok/s", "of ceiling"],
     )  # fmt: skip
 else:

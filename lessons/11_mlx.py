@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 from course import LESSONS_DIR, print_table, save_figure
+from matplotlib.ticker import NullFormatter
 from transformers import Qwen2Config as HFQwen2Config
 from transformers.models.qwen2 import modeling_qwen2 as hf_qwen2
 
@@ -540,7 +541,7 @@ print_table(
 )
 print("(decode ceilings, computed: a real decode step also reads the KV cache and does not reach peak bandwidth)")
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
 names = [name for name, _, _ in measured]
 speeds = [nbytes / t / 1e9 for _, nbytes, t in measured]  # GB/s
 left.barh(names, speeds, color=["#55a868"] + ["#4c72b0"] * 3 + ["#dd8452"] * 3)
@@ -555,7 +556,7 @@ if bench is not None and bench.get("engines"):
     right.barh(y - 0.2, [e.get("decode_ceiling_tok_s") or 0 for e in engines_run], 0.4, color="#dddddd",
                label="ceiling: bandwidth / bytes (computed)")  # fmt: skip
     right.barh(y + 0.2, [e.get("decode_tok_s") or 0 for e in engines_run], 0.4, color="#4c72b0", label="decode (measured)")
-    right.set_yticks(y, [f"{e.get('name')} ({e.get('format')})" for e in engines_run], fontsize=8)
+    right.set_yticks(y, [str(e.get("name")) for e in engines_run], fontsize=8)  # formats: bench.json
     right.set_title("The default model end to end (minqwen2 bench)")
 else:
     where = {f"this machine, {bandwidth / 1e9:.0f} GB/s": bandwidth / 1e9} | {
@@ -568,6 +569,7 @@ else:
     right.set_title("Decode ceilings: bandwidth / bytes per token (computed)")
 right.invert_yaxis()
 right.set_xscale("log")
+right.xaxis.set_minor_formatter(NullFormatter())  # label the powers of ten only
 right.set_xlabel("tokens per second")
 right.legend(fontsize=8, loc="upper right")
 save_figure(fig, "11_speed")
