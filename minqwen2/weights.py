@@ -385,9 +385,10 @@ class LazyTensors(Mapping[str, np.ndarray]):
     names give the one array), so whoever holds an array owns it, and an array nobody
     holds is freed. Iterating gives the names without reading anything.
 
-    A consequence: do not detect shared tensors by ``id()`` of looked-up arrays (as
-    ``quantize_mlx.to_mlx`` does on the mapped dict): a freed array's id can be reused by
-    the next one. Compare names instead (the tie is ``lm_head.weight`` / ``embed_tokens``).
+    A consequence: ``id()`` of looked-up arrays alone does not tell shared tensors apart:
+    a freed array's id can be reused by the next one. Compare names (the tie is
+    ``lm_head.weight`` / ``embed_tokens``), or check the first array is still alive, as
+    ``quantize_mlx.to_mlx`` does with a weak reference.
     """
 
     def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]) -> None:

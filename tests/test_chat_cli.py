@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Z
 STATUS = re.compile(r"(\d+) tokens(?: \(([a-z_ ]+)\))? · [\d.]+ tok/s · context ([\d,]+)/([\d,]+)")
 
 
+def _default_sigint() -> None:
+    """In the chat process, before it starts: Ctrl-C back to its default action, as in a
+    fresh terminal. A test run started as a background job of a non-interactive shell
+    (``pytest ... &``) has SIGINT *ignored*; children inherit that, Python then never
+    raises KeyboardInterrupt, and the Ctrl-C tests would test nothing the user sees."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Screen:
     """A chat process in a pseudo-terminal, and the text it has shown so far."""
 
@@ -39,7 +48,7 @@ class Screen:
         env = {**os.environ, "TERM": "xterm-256color", "MINQWEN2_DEBUG": ""}
         self.child = pexpect.spawn(
             sys.executable, ["-m", "minqwen2", "chat", *args], env=env, encoding="utf-8",
-            dimensions=(40, 160), timeout=timeout,
+            dimensions=(40, 160), timeout=timeout, preexec_fn=_default_sigint,
         )  # fmt: skip
         self.timeout = timeout
         self.raw = ""  # everything received
