@@ -795,20 +795,24 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
 
     reader = GGUFReader(src)
     partial = dst.with_name(dst.name + ".partial")
-    writer = GGUFWriter(partial, reader.fields["general.architecture"].contents())
-    for key, meta in reader.fields.items():
-        # GGUF.* (version, counts) and the two keys set below are the writer's to write.
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub_type = meta.types[1] if meta.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, meta.contents(), meta.types[0], sub_type=sub_type)
-    writer.add_file_type(LlamaFileType.ALL_F32)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, dequantize_rows(tensor.data, tensor).reshape(logical_shape(tensor)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer = GGUFWriter(partial, reader.fields["general.architecture"].contents())
+        for key, meta in reader.fields.items():
+            # GGUF.* (version, counts) and the two keys set below are the writer's to write.
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue
+            sub_type = meta.types[1] if meta.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, meta.contents(), meta.types[0], sub_type=sub_type)
+        writer.add_file_type(LlamaFileType.ALL_F32)
+        for tensor in reader.tensors:
+            writer.add_tensor(tensor.name, dequantize_rows(tensor.data, tensor).reshape(logical_shape(tensor)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:  # Ctrl-C included: no 2 GB leftover beside the weights
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(dst)
     return dst
 

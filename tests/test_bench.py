@@ -335,3 +335,23 @@ def test_f32_gguf_twin_has_the_same_metadata_and_the_converted_weights(tmp_path)
     assert original.keys() == from_twin.keys()
     for name in original:
         np.testing.assert_array_equal(from_twin[name], original[name], err_msg=name)
+
+
+def test_an_interrupted_f32_gguf_write_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C after the header is on disk, before the tensors: no partial file is left."""
+    import gguf
+    from helpers import as_reference
+    from test_gguf_convert import DENSE, write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf", as_reference(random_hf_model(DENSE, seed=2)))
+    written = []
+
+    def interrupted(self, *args, **kwargs):
+        written.extend(p.name for p in tmp_path.iterdir())  # the header and metadata are on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_f32_gguf(src, tmp_path / "m-f32.gguf")
+    assert "m-f32.gguf.partial" in written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
