@@ -1180,6 +1180,21 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         note(f"warning: {warning}", style="bold red")
 
 
+def _chart_panel(
+    ax: Any, what: str, speeds: list[float], ceilings: list[float], fractions: list[float],
+    color: str, title: str, ceiling_label: str,
+) -> None:  # fmt: skip
+    """One panel of ``bench.png``: a bar per engine, its ceiling marked, the fraction written."""
+    y = np.arange(len(speeds))
+    ax.barh(y, speeds, color=color, height=0.6)
+    ax.scatter(ceilings, y, marker="|", s=400, linewidths=2.5, color="black", zorder=3, label=ceiling_label)
+    for yi, speed, fraction in zip(y, speeds, fractions, strict=True):
+        ax.annotate(_percent(fraction), (speed, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlabel(f"{what} tok/s")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8, markerscale=0.4)
+
+
 def write_chart(report: dict[str, Any], path: Path) -> None:
     """``bench.png``: decode and prefill tok/s per engine, each with its ceiling marked."""
     import matplotlib
@@ -1192,29 +1207,17 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
     y = np.arange(len(engines))
     fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(12, 1.0 + 0.55 * len(engines)), sharey=True)
 
-    decode = [e["decode_tok_s"] for e in engines]
-    ceilings = [e["decode_ceiling_tok_s"] for e in engines]
-    ax_d.barh(y, decode, color="tab:blue", height=0.6)
-    ax_d.scatter(ceilings, y, marker="|", s=400, linewidths=2.5, color="black", zorder=3,
-                 label=f"ceiling: {m['memory_bandwidth_gb_s']:.1f} GB/s ÷ weight bytes per token")  # fmt: skip
-    for yi, e in zip(y, engines, strict=True):
-        ax_d.annotate(_percent(e["decode_fraction"]), (e["decode_tok_s"], yi), xytext=(4, 0),
-                      textcoords="offset points", va="center", fontsize=8)  # fmt: skip
-    ax_d.set_xlabel("decode tok/s")
-    ax_d.set_title("decode: memory-bound")
-    ax_d.legend(loc="lower right", fontsize=8, markerscale=0.4)
-
-    prefill = [e["prefill_tok_s"] for e in engines]
-    ceilings = [m["matmul_gflop_s_f32"] * 1e9 / e["prefill_flops_per_token"] for e in engines]
-    ax_p.barh(y, prefill, color="tab:orange", height=0.6)
-    ax_p.scatter(ceilings, y, marker="|", s=400, linewidths=2.5, color="black", zorder=3,
-                 label=f"float32 compute ceiling: {m['matmul_gflop_s_f32']:.0f} GFLOP/s ÷ FLOPs per token")  # fmt: skip
-    for yi, e in zip(y, engines, strict=True):
-        ax_p.annotate(_percent(e["prefill_fraction"]), (e["prefill_tok_s"], yi), xytext=(4, 0),
-                      textcoords="offset points", va="center", fontsize=8)  # fmt: skip
-    ax_p.set_xlabel("prefill tok/s")
-    ax_p.set_title("prefill: compute-bound")
-    ax_p.legend(loc="lower right", fontsize=8, markerscale=0.4)
+    _chart_panel(
+        ax_d, "decode", [e["decode_tok_s"] for e in engines], [e["decode_ceiling_tok_s"] for e in engines],
+        [e["decode_fraction"] for e in engines], "tab:blue", "decode: memory-bound",
+        f"ceiling: {m['memory_bandwidth_gb_s']:.1f} GB/s ÷ weight bytes per token",
+    )  # fmt: skip
+    _chart_panel(
+        ax_p, "prefill", [e["prefill_tok_s"] for e in engines],
+        [m["matmul_gflop_s_f32"] * 1e9 / e["prefill_flops_per_token"] for e in engines],
+        [e["prefill_fraction"] for e in engines], "tab:orange", "prefill: compute-bound",
+        f"float32 compute ceiling: {m['matmul_gflop_s_f32']:.0f} GFLOP/s ÷ FLOPs per token",
+    )  # fmt: skip
 
     ax_d.set_yticks(y, labels, fontsize=8)
     ax_d.invert_yaxis()  # the first engine on top, as in the table
