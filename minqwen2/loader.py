@@ -65,7 +65,8 @@ def load_model(
 
     config = Qwen2Config.from_file(path / "config.json")
     # mmap=False: every weight in ordinary (huge-page) memory, read once; see weights.py.
-    return Qwen2Model(config, load_weights(path, config, mmap=False))
+    # The lm_head is read column-major, as the model keeps it (model.py says why).
+    return Qwen2Model(config, load_weights(path, config, mmap=False, column_major=("lm_head.weight",)))
 
 
 def load(

@@ -18,7 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minqwen2
+from minqwen2.config import Qwen2Config
 from minqwen2.model import Qwen2Model
+from minqwen2.weights import load_weights
 
 # Tiny random models have logits of magnitude ~6. HF's own float32 forward differs from a
 # float64 run of the same model by up to 7.5e-6 here (and its eager and sdpa kernels by
@@ -80,6 +82,29 @@ def test_logits_match_hf(pair):
     np.testing.assert_allclose(ours(ids, last_only=True), logits[:, -1:], rtol=0, atol=ATOL)
     # A 1-D input is a batch of one.
     np.testing.assert_allclose(ours(ids[1]), logits[1:2], rtol=0, atol=ATOL)
+
+
+def test_lm_head_is_column_major_and_a_tie_stays_one_array(pair):
+    """The loader reads the head column-major (model.py: a faster matrix-vector product);
+    a tied model's embedding is that same array, never a second copy."""
+    ours, _ = pair
+    assert ours.lm_head.flags.f_contiguous and ours.lm_head.shape == (ours.config.vocab_size, ours.config.hidden_size)
+    assert (ours.embed_tokens is ours.lm_head) == ours.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_from_row_major_arrays(tmp_path, tied):
+    """Built from plain row-major arrays (memory-mapped), the head becomes column-major, a
+    tied pair still one array, and the logits are the loader-built model's, bit for bit."""
+    save_hf_checkpoint(random_hf_model({**TINY_DENSE, "tie_word_embeddings": tied}, seed=3), tmp_path)
+    config = Qwen2Config.from_file(tmp_path / "config.json")
+    weights = load_weights(tmp_path, config)  # row-major maps of the file
+    assert weights["lm_head.weight"].flags.c_contiguous
+    model = Qwen2Model(config, weights)
+    assert model.lm_head.flags.f_contiguous
+    assert (model.embed_tokens is model.lm_head) == tied
+    ids = np.arange(9) % config.vocab_size
+    np.testing.assert_array_equal(model(ids), minqwen2.load_model(tmp_path, backend="numpy")(ids))
 
 
 def test_cache_whole_vs_token_by_token_vs_chunks(pair):

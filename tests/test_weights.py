@@ -160,6 +160,40 @@ def test_read_into_memory_equals_mapped(tmp_path, setup, monkeypatch):
         assert lazy["lm_head.weight"] is lazy["model.embed_tokens.weight"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_column_major_reads_the_same_matrix(tmp_path, monkeypatch, dtype, tied, mmap):
+    """``column_major``: the same numbers in Fortran order, read in slices of rows (here
+    5 rows, so the vocabulary of 64 ends in a partial slice); a tied pair stays one array."""
+    monkeypatch.setattr(W, "COLUMN_MAJOR_ROWS", 5)
+    save_hf_checkpoint(random_hf_model({**TINY_DENSE, "tie_word_embeddings": tied}, seed=7), tmp_path, dtype=dtype)
+    config, plain = load_dir(tmp_path)
+    assert config.vocab_size % 5 != 0
+    ours = W.load_weights(tmp_path, config, mmap=mmap, column_major=("lm_head.weight",))
+    head = ours["lm_head.weight"]
+    assert head.flags.f_contiguous and not head.flags.c_contiguous and head.dtype == np.float32
+    np.testing.assert_array_equal(head, plain["lm_head.weight"])
+    embed = ours["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(embed, plain["model.embed_tokens.weight"])
+    if tied:
+        assert embed is head
+    else:
+        assert embed.flags.c_contiguous
+    layer = "model.layers.0.mlp.down_proj.weight"  # not asked for: as always
+    assert ours[layer].flags.c_contiguous
+
+
+def test_column_major_read_of_a_truncated_file(saved):
+    config = Qwen2Config.from_file(saved / "config.json")
+    lazy = W.load_weights(saved, config, mmap=False, column_major=("lm_head.weight",))
+    path = saved / W.SINGLE_FILE
+    info = W.find_tensors(saved)["lm_head.weight"]
+    path.write_bytes(path.read_bytes()[: info.end - 1])  # the head's last byte is gone
+    with pytest.raises(WeightsError, match="truncated while reading"):
+        lazy["lm_head.weight"]
+
+
 def test_file_truncated_after_loading_fails_at_the_read(saved):
     """A lazy read checks it got every byte: the file can change between check and read."""
     config = Qwen2Config.from_file(saved / "config.json")
