@@ -326,6 +326,7 @@ def load_weights(
       ``mlp.experts.gate_up_proj (E, 2I, C)`` (gate rows, then up rows) and
       ``mlp.experts.down_proj (E, C, I)``.
     * A checkpoint whose float32 size exceeds the available memory is refused first.
+    * Names come largest tensor first (see the end of this function for why).
     """
     model_dir = Path(model_dir)
     tensors = find_tensors(model_dir)
@@ -400,6 +401,22 @@ def load_weights(
             p = f"model.layers.{i}.mlp.experts."
             gate_up, down = _expert_readers(read, p, config.num_experts, fused=p + "gate_up_proj" in fused)
             readers[p + "gate_up_proj"], readers[p + "down_proj"] = gate_up, down
+
+    # Largest first: whoever converts the tensors one at a time, in this order (MLX's
+    # quantize_mlx.to_mlx), then makes its largest transient copies while it holds little
+    # else. The 0.5B model's float32 MLX load peaked at 2.91 GiB with the embedding first
+    # and the lm_head last, 2.41 GiB with both first.
+    E, I, C = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    stacked = {"gate_up_proj": E * 2 * I * C, "down_proj": E * C * I}  # a MoE layer's experts
+
+    def numel(name: str) -> int:
+        if name in tensors:
+            return tensors[name].numel
+        if name == "lm_head.weight":  # tied: the embedding's size
+            return tensors["model.embed_tokens.weight"].numel
+        return stacked[name.rsplit(".", 1)[-1]]
+
+    readers = dict(sorted(readers.items(), key=lambda item: -numel(item[0])))  # stable: ties keep their order
     if not mmap:
         return LazyTensors(readers)
     return {name: reader() for name, reader in readers.items()}

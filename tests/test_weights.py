@@ -194,6 +194,22 @@ def test_column_major_read_of_a_truncated_file(saved):
         lazy["lm_head.weight"]
 
 
+@pytest.mark.parametrize("setup", ["dense-tied", "dense-untied", "moe-unfused"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_names_come_largest_first(tmp_path, setup, mmap):
+    """A consumer converting tensors one at a time in this order (MLX's to_mlx) holds the
+    least memory when the largest come first."""
+    if setup == "moe-unfused":
+        save_hf_checkpoint(random_hf_model(TINY_MOE, seed=8), tmp_path)
+    else:
+        save_hf_checkpoint(random_hf_model({**TINY_DENSE, "tie_word_embeddings": setup == "dense-tied"}, seed=8), tmp_path)
+    config = Qwen2Config.from_file(tmp_path / "config.json")
+    weights = W.load_weights(tmp_path, config, mmap=mmap)
+    sizes = [weights[name].size for name in weights]
+    assert sizes == sorted(sizes, reverse=True), list(zip(weights, sizes, strict=True))
+    assert len(set(sizes)) > 3
+
+
 def test_file_truncated_after_loading_fails_at_the_read(saved):
     """A lazy read checks it got every byte: the file can change between check and read."""
     config = Qwen2Config.from_file(saved / "config.json")
