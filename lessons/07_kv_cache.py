@@ -200,37 +200,41 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # decoder layer and the 544 MB `lm_head` — 1.98 GB — so at this machine's bandwidth it
 # cannot beat `bandwidth / 1.98 GB` tokens per second. `make bench` (`minqwen2 bench`)
 # measures the bandwidth and every engine in the same run; on our development machine
-# (2 cores; memory read 21.6 GB/s, float32 matmul 137 GFLOP/s, both the best of six
+# (2 cores; memory read 23.8 GB/s and float32 matmul 138 GFLOP/s, both the best of six
 # measurements in the run), for a 512-token prompt and 128 greedy tokens, it found:
 #
-# | engine | prefill tok/s | of the compute ceiling (185) | decode tok/s | of the bandwidth ceiling |
+# | engine | prefill tok/s | of the compute ceiling (187) | decode tok/s | of the bandwidth ceiling |
 # |---|---|---|---|---|
-# | minqwen2 NumPy, float32 | 118.5 | 64% | 7.89 | 72% of 11.0 |
-# | llama.cpp, the same weights as an F32 GGUF | 107.1 | 58% | 8.29 | 76% of 11.0 |
-# | HF transformers, float32 | 110.6 | 60% | 3.85 | 35% of 11.0 |
-# | HF transformers, bfloat16 | 21.4 | 12% | 7.20 | 33% of 21.9 |
+# | minqwen2 NumPy, float32 | 136.4 | 73% | 9.22 | 76% of 12.1 |
+# | llama.cpp, the same weights as an F32 GGUF | 112.7 | 60% | 9.18 | 76% of 12.1 |
+# | HF transformers, float32 | 109.9 | 59% | 4.17 | 35% of 12.1 |
+# | HF transformers, bfloat16 | 23.4 | 12% | 7.51 | 31% of 24.1 |
 #
 # All three float32 engines chose the same 128 greedy tokens. The bandwidth itself varied
-# from 16.9 to 21.6 GB/s between measurements of that run (the machine is shared); against
-# the median, 19.3 GB/s, the NumPy decode is at 81% of the ceiling and llama.cpp's at 85%.
-# From run to run the two trade places (NumPy 7.5-8.9 tok/s, llama.cpp 7.6-10.0 in six
-# runs of two benchmarks): on this machine they decode at the same speed, within its noise.
+# from 18.4 to 23.8 GB/s between measurements of that run (the machine is shared); against
+# the median, 20.7 GB/s, the NumPy decode is at 88% of the ceiling. Run by run, NumPy and
+# llama.cpp decoded 9.22 / 9.18, 9.48 / 9.13 and 9.13 / 9.48 tokens/s: on this machine
+# they decode at the same speed, within its noise — and both more than twice as fast as
+# HF's float32.
 #
-# Where a NumPy decode step's time goes (timed section by section on that machine, 116 ms a
-# token): the matrix-vector products 100 ms — the MLP's gate/up 39 and down 21, the
-# `lm_head` 29, the attention projections 11 — then attention over the cache 7 ms, the 49
-# RMSNorms 3, RoPE, biases and head splitting 2, SiLU 2, the cache update and mask 1. The
-# products run at the bandwidth; what is left is ~40 small NumPy operations per layer, each
-# a few microseconds — most of all the first one after each product, which finds the CPU
-# caches emptied by the megabytes of weights just streamed through them. What made the
-# step fast, each trick commented where it lives:
+# Where a NumPy decode step's time goes (timed on that machine, 114 ms a token at 512
+# tokens of context): the 97 matrix-vector products alone, run back to back in the same
+# process, take 104 ms — the MLP's gate/up 33 and down 19, the `lm_head` 22, the attention
+# projections 10 (each group timed on its own; they stream 18-25 GB/s). What is left, ~10
+# ms, is ~40 small NumPy operations per layer — attention over the cache, two RMSNorms,
+# RoPE, SiLU, the cache update — each a few microseconds, most of all the first one after
+# each product, which finds the CPU caches emptied by the megabytes of weights just
+# streamed through them. What made the step fast, each trick commented where it lives:
 #
 # * the weights in ordinary memory, read once at load (`weights.py`, `mmap=False`), not
 #   mapped from the file: the kernel backs large arrays with 2 MiB pages, and the
 #   `lm_head` product fell from 33 to 26 ms;
-# * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`),
-#   the latter stored column-major so that OpenBLAS picks its faster matrix-vector kernel
-#   for it (2.07 → 1.74 ms a layer);
+# * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`);
+# * the two widest matrices, gate/up and the `lm_head`, stored column-major, so that
+#   OpenBLAS picks its faster matrix-vector kernel for them (gate/up 2.07 → 1.74 ms a
+#   layer, `lm_head` 33.8 → 28.6 ms); the `lm_head` is read so straight from the file, a
+#   slice of rows at a time (`weights.read_tensor_column_major`), so no second copy of
+#   its 544 MB is ever made;
 # * the cache written in place, never concatenated (`kv_cache.py`);
 # * the `lm_head` only for the last position during prefill (`last_only`), which saves
 #   151,936 × 896 multiply-adds for every other prompt token;
