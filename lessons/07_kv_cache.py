@@ -232,7 +232,8 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`);
 # * the two widest matrices, gate/up and the `lm_head`, stored column-major, so that
 #   OpenBLAS picks its faster matrix-vector kernel for them (gate/up 2.07 → 1.74 ms a
-#   layer, `lm_head` 33.8 → 28.6 ms); the `lm_head` is read so straight from the file, a
+#   layer, `lm_head` 33.8 → 28.6 ms, each pair measured side by side in a busier minute
+#   than the figures above); the `lm_head` is read so straight from the file, a
 #   slice of rows at a time (`weights.read_tensor_column_major`), so no second copy of
 #   its 544 MB is ever made;
 # * the cache written in place, never concatenated (`kv_cache.py`);
