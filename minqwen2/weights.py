@@ -239,7 +239,10 @@ def _read_elements(info: TensorInfo, offset: int, count: int) -> np.ndarray:
     stored, _ = _DTYPES[info.dtype]
     raw = np.fromfile(info.file, dtype=stored, count=count, offset=offset)
     if raw.size != count:  # the file shrank after its header was checked
-        raise WeightsError(f"{info.file}: truncated while reading: expected {info.numel} elements")
+        raise WeightsError(
+            f"{info.file}: truncated while reading: expected {count} elements from byte {offset}, "
+            f"got {raw.size} (a {info.dtype} tensor of shape {list(info.shape)} at bytes {info.begin}-{info.end})"
+        )
     return raw
 
 
