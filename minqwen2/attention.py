@@ -234,10 +234,30 @@ class Attention:
             k, v = cache.update(k, v)  # (B, K, S, D): cached + new
         S = k.shape[2]
 
+        if T == 1 and (self.window is None or S <= self.window):
+            # Decoding one token, once per generated token: it sees every key held, so the
+            # mask is all True and there is a single block. Going straight to the product
+            # skips causal_mask and the block loop, about ten NumPy calls per layer; each
+            # costs 5-10 us right after a matrix product has flushed the CPU caches, and
+            # together they were ~1 ms of a ~100 ms token on the 0.5B model (measured A/B).
+            visible = np.ones((1, S), dtype=bool)  # (1, S): every key
+            out = grouped_query_attention(q, k, v, visible, self.scaling)  # (B, H, 1, D)
+        else:
+            out = self._attend_in_blocks(q, k, v)  # (B, H, T, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
+        out = out @ self.o_proj_weight.T  # (B, T, C)
+        assert out.dtype == np.float32, out.dtype
+        return out
+
+    def _attend_in_blocks(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Attention of T queries ``(B, H, T, D)``, the last T of the S keys and values
+        ``(B, K, S, D)``, computed a block of queries at a time. Returns ``(B, H, T, D)``."""
+        B, H, T, D = q.shape
+        S = k.shape[2]
         out = np.empty((B, H, T, D), dtype=np.float32)  # (B, H, T, D)
         block = self.query_block or query_block_size(H, S)
         for t0 in range(0, T, block):
-            # Queries in blocks of `block` rows (one block when decoding): a block's scores,
+            # Queries in blocks of `block` rows (one block for a short prompt): a block's scores,
             # (B, H, rows, S), stay small enough for the CPU's caches (query_block_size).
             # Block [t0, t1) sits at absolute positions S - T + t0 .. S - T + t1 - 1, so no
             # row of it sees a key at or after S - T + t1: those columns are left out instead
@@ -249,9 +269,6 @@ class Attention:
             out[:, :, t0:t1] = grouped_query_attention(
                 q[:, :, t0:t1], k[:, :, :S_visible], v[:, :, :S_visible], mask, self.scaling
             )  # (B, H, t1 - t0, D)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
-        out = out @ self.o_proj_weight.T  # (B, T, C)
-        assert out.dtype == np.float32, out.dtype
         return out
 
 
