@@ -81,7 +81,8 @@ def test_report_has_the_documented_schema(report):
     assert (s["model"], s["prompt_tokens"], s["new_tokens"], s["runs"]) == ("dense", PROMPT, NEW, RUNS)
     keys = {
         "name", "engine", "format", "prefill_tok_s", "decode_tok_s", "weight_bytes_per_token",
-        "decode_ceiling_tok_s", "decode_fraction", "prefill_flops_per_token", "prefill_fraction",
+        "decode_ceiling_tok_s", "decode_fraction", "decode_fraction_same_moment", "prefill_flops_per_token",
+        "prefill_fraction",
         "peak_rss_bytes", "load_s", "greedy_agrees_from_start", "first_divergence", "runs",
     }  # fmt: skip
     assert [e["name"] for e in report["engines"]] == ["numpy", "hf-float32", "mlx-float32"]
@@ -89,7 +90,8 @@ def test_report_has_the_documented_schema(report):
         assert set(e) >= keys, e["name"]
         assert isinstance(e["greedy_agrees_from_start"], bool)
         assert e["first_divergence"] is None or isinstance(e["first_divergence"], int)
-        assert len(e["runs"]) == RUNS and all(set(r) == {"prefill_tok_s", "decode_tok_s"} for r in e["runs"])
+        assert len(e["runs"]) == RUNS
+        assert all(set(r) == {"prefill_tok_s", "decode_tok_s", "memory_bandwidth_gb_s"} for r in e["runs"])
     for a in report["apple_silicon_computed"]:
         assert set(a) == {"chip", "bandwidth_gb_s", "decode_tok_s"}
 
@@ -97,9 +99,13 @@ def test_report_has_the_documented_schema(report):
 def test_numbers_are_positive_and_self_consistent(report, tiny_dense):
     m = report["machine"]
     assert m["memory_bandwidth_gb_s"] > 0 and m["matmul_gflop_s_f32"] > 0 and m["cores"] >= 1
-    # The reported ceilings are the best of the measurements: before, after each of the two groups.
+    # The reported ceilings are the best of the measurements: before, after each of the two
+    # groups, and (the bandwidth) just before each timed run of each engine.
     assert len(m["memory_bandwidth_gb_s_measured"]) == len(m["matmul_gflop_s_f32_measured"]) == 3
-    assert m["memory_bandwidth_gb_s"] == max(m["memory_bandwidth_gb_s_measured"])
+    beside = m["memory_bandwidth_gb_s_beside_runs"]
+    assert beside == [r["memory_bandwidth_gb_s"] for e in report["engines"] for r in e["runs"]]
+    assert len(beside) == RUNS * len(report["engines"]) and min(beside) > 0
+    assert m["memory_bandwidth_gb_s"] == max(m["memory_bandwidth_gb_s_measured"] + beside)
     assert m["matmul_gflop_s_f32"] == max(m["matmul_gflop_s_f32_measured"])
     config = Qwen2Config.from_file(tiny_dense)
     for e in report["engines"]:
@@ -113,6 +119,15 @@ def test_numbers_are_positive_and_self_consistent(report, tiny_dense):
             m["memory_bandwidth_gb_s"] * 1e9 / e["weight_bytes_per_token"], rel=1e-12
         )
         assert e["decode_fraction"] == pytest.approx(e["decode_tok_s"] / e["decode_ceiling_tok_s"], rel=1e-12)
+        # Same moment: each run's decode over the ceiling its own bandwidth gives, median of the runs.
+        nbytes = e["weight_bytes_per_token"]
+        assert e["decode_fraction_same_moment"] == pytest.approx(
+            statistics.median(r["decode_tok_s"] * nbytes / (r["memory_bandwidth_gb_s"] * 1e9) for r in e["runs"]),
+            rel=1e-12,
+        )
+        # Every run's own bandwidth is at most the best, so (the median being monotone) the
+        # same-moment fraction is never below the one over the best ceiling.
+        assert e["decode_fraction_same_moment"] >= e["decode_fraction"] * (1 - 1e-12)
         assert e["prefill_flops_per_token"] == bench.prefill_flops_per_token(config, e["prompt_tokens"])
         assert e["prefill_fraction"] == pytest.approx(
             e["prefill_tok_s"] * e["prefill_flops_per_token"] / (m["matmul_gflop_s_f32"] * 1e9), rel=1e-12
