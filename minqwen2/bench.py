@@ -91,12 +91,15 @@ engine that ran in a quieter moment would then show more than 100% of it.
   test machine the last won 7 of 10 measurements, by up to 10% (the max-reduction the
   other 3, by up to 2%): a ceiling that a real kernel can beat is no ceiling.
 * the same bandwidth again, fewer passes, just before every timed run (a probe process
-  lives through each group's rounds). These count towards the best, and give a second,
-  steadier figure: each run's decode as a fraction of the bandwidth measured just before
-  it, the median over the runs (``decode_fraction_same_moment``). The speeds are medians
-  and the ceiling is a maximum, so on a noisy machine ``decode_fraction`` sits below
-  what the engine does with the bandwidth it gets; the same-moment figure compares like
-  with like. Both are shown.
+  lives through each group's rounds): more measurements, spread over the whole run, make
+  the best of them a surer ceiling, and each run's is kept in ``bench.json``, so a slow
+  run can be told from a slow moment. (On the test machine they predict a run's speed
+  poorly: the bandwidth changes within the seconds a run takes.)
+
+The decode fraction is a median speed over the best bandwidth, so on a noisy machine it
+sits below what the engine does at its best. A second figure compares like with like:
+the engine's fastest run over the same ceiling (``decode_fraction_best_run``), both the
+best the run saw.
 * float32 matmul throughput: a prefill-shaped sgemm ``(512, 896) @ (896, 4864)`` (the
   0.5B model's MLP), best of several, ``2·M·K·N`` FLOPs / seconds — with NumPy's BLAS and
   threads, in a worker that imported the NumPy model first, so it runs with the NumPy
@@ -311,7 +314,7 @@ APPLE_SILICON_GB_S = {"M1": 68.25, "M2": 100.0, "M3 Pro": 150.0, "M2 Max": 400.0
 # =====================================================================================
 
 MATMUL_SHAPE = (512, 896, 4864)
-#: Passes per reader for the bandwidth measured beside each timed run (~1 s for 1 GiB).
+#: Passes per reader for the bandwidth measured just before each timed run (~1 s for 1 GiB).
 BESIDE_RUN_PASSES = 2  # (M, K, N): a 512-token prefill through the 0.5B model's MLP
 
 
@@ -364,7 +367,7 @@ class MachineProbe:
         return {"memory_bandwidth_gb_s": measure_bandwidth(nbytes), "matmul_gflop_s_f32": measure_matmul()}
 
     def bandwidth(self, nbytes: int) -> float:
-        """The bandwidth alone, fewer passes: the measurement taken beside each timed run."""
+        """The bandwidth alone, fewer passes: the measurement taken just before each timed run."""
         return measure_bandwidth(nbytes, passes=BESIDE_RUN_PASSES)
 
     def facts(self) -> dict[str, Any]:
@@ -868,13 +871,12 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
     matmul_gflop_s_f32, load_average_before, load_average_after, ...}, "settings": {model,
     prompt_tokens, new_tokens, runs, date, ...}, "engines": [{name, engine, format,
     prefill_tok_s, decode_tok_s, weight_bytes_per_token, decode_ceiling_tok_s,
-    decode_fraction, decode_fraction_same_moment, prefill_flops_per_token, prefill_fraction,
+    decode_fraction, decode_fraction_best_run, prefill_flops_per_token, prefill_fraction,
     peak_rss_bytes, load_s, greedy_agrees_from_start, first_divergence, runs:
     [{prefill_tok_s, decode_tok_s, memory_bandwidth_gb_s}], ...}], "skipped": [{engine, reason}], "apple_silicon_computed": [{chip,
     bandwidth_gb_s, decode_tok_s}]}``. Speeds are medians over the runs; fractions are
-    speed / ceiling (the same-moment one: the median over the runs of each run's decode
-    over the ceiling from its ``memory_bandwidth_gb_s``, measured just before it). ``log``
-    receives progress lines.
+    speed / ceiling (``decode_fraction_best_run``: the fastest run's decode over the same
+    ceiling). ``log`` receives progress lines.
     """
     config = Qwen2Config.from_file(settings.model_dir)
     skipped: list[dict[str, str]] = []
@@ -917,9 +919,9 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
         done += _run_group(group, specs, ids, capacity, settings, needed, references, skipped, log)
         measure_ceilings()
     bandwidths = [c["memory_bandwidth_gb_s"] for c in ceilings]
-    beside_runs = [bw for m in done for bw in m.bandwidths]  # one per timed run, in the order they ran
+    before_runs = [bw for m in done for bw in m.bandwidths]  # one per timed run, in the order they ran
     matmuls = [c["matmul_gflop_s_f32"] for c in ceilings]
-    bandwidth, gflops = max(bandwidths + beside_runs), max(matmuls)  # every measurement counts
+    bandwidth, gflops = max(bandwidths + before_runs), max(matmuls)  # every measurement counts
     others = other_load.cores()
 
     machine = {
@@ -931,7 +933,7 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
         "memory_bandwidth_gb_s": bandwidth,  # unrounded: the ceilings and fractions derive from it
         "matmul_gflop_s_f32": gflops,
         "memory_bandwidth_gb_s_measured": bandwidths,  # before, between the groups, after
-        "memory_bandwidth_gb_s_beside_runs": beside_runs,  # just before each timed run
+        "memory_bandwidth_gb_s_before_each_run": before_runs,  # just before each timed run
         "matmul_gflop_s_f32_measured": matmuls,
         "matmul_shape": list(MATMUL_SHAPE),
         "load_average_before": load_before,
@@ -1068,10 +1070,6 @@ def _engine_record(
     prefill = statistics.median(r[0] for r in m.runs)
     decode = statistics.median(r[1] for r in m.runs)
     ceiling = bandwidth * 1e9 / nbytes
-    # Each run's decode against the bandwidth measured just before it, then the median: how
-    # much of what the machine offered at the time the engine used. On a shared machine
-    # this is steadier than a median speed over the best moment's ceiling.
-    same_moment = statistics.median(d * nbytes / (bw * 1e9) for (_, d, _), bw in zip(m.runs, m.bandwidths, strict=True))
     tokens = m.runs[0][2]
     reference, ref_tokens = references[m.setting]
     divergence = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), None)
@@ -1084,7 +1082,7 @@ def _engine_record(
         "weight_bytes_per_token": nbytes,
         "decode_ceiling_tok_s": ceiling,
         "decode_fraction": decode / ceiling,
-        "decode_fraction_same_moment": same_moment,
+        "decode_fraction_best_run": max(r[1] for r in m.runs) / ceiling,  # the best run vs the best ceiling
         "prefill_flops_per_token": flops,
         "prefill_fraction": prefill * flops / (gflops * 1e9),
         "peak_rss_bytes": m.peak_rss,
@@ -1161,7 +1159,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     table.add_column("engine", no_wrap=True)
     table.add_column("format")
     for header in ("prefill tok/s", "% f32 compute ceiling", "decode tok/s", "% bandwidth ceiling",
-                   "% bandwidth, same moment", "decode ceiling tok/s", "peak RSS", "load s"):  # fmt: skip
+                   "% bandwidth ceiling, best run", "decode ceiling tok/s", "peak RSS", "load s"):  # fmt: skip
         table.add_column(header, justify="right")
     table.add_column(f"greedy tokens = {s['greedy_reference']}'s")
     for e in report["engines"]:
@@ -1174,7 +1172,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
             agrees = f"from token {e['first_divergence']} on{vs}"
         table.add_row(
             e["name"], e["format"], f"{e['prefill_tok_s']:.1f}", _percent(e["prefill_fraction"]),
-            f"{e['decode_tok_s']:.2f}", _percent(e["decode_fraction"]), _percent(e["decode_fraction_same_moment"]),
+            f"{e['decode_tok_s']:.2f}", _percent(e["decode_fraction"]), _percent(e["decode_fraction_best_run"]),
             f"{e['decode_ceiling_tok_s']:.1f}",
             f"{e['peak_rss_bytes'] / 2**30:.2f} GiB", f"{e['load_s']:.1f}", agrees,
         )  # fmt: skip
@@ -1185,14 +1183,14 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 
     bw, mm = m["memory_bandwidth_gb_s_measured"], m["matmul_gflop_s_f32_measured"]
     M, K, N = m["matmul_shape"]
-    beside = m["memory_bandwidth_gb_s_beside_runs"]
-    if beside:
-        bw_beside = f"; just before each timed run {min(beside):.1f}-{max(beside):.1f}, median {statistics.median(beside):.1f}"
+    before = m["memory_bandwidth_gb_s_before_each_run"]
+    if before:
+        bw_before = f"; just before each timed run {min(before):.1f}-{max(before):.1f}, median {statistics.median(before):.1f}"
     else:
-        bw_beside = ""
+        bw_before = ""
     note(f"ceilings (measured before, between and after the groups, and the bandwidth also just before each "
          f"timed run; the best is used): memory read {m['memory_bandwidth_gb_s']:.1f} GB/s "
-         f"({' / '.join(f'{x:.1f}' for x in bw)}{bw_beside}); float32 matmul "
+         f"({' / '.join(f'{x:.1f}' for x in bw)}{bw_before}); float32 matmul "
          f"{m['matmul_gflop_s_f32']:.0f} GFLOP/s ({' / '.join(f'{x:.0f}' for x in mm)}; "
          f"({M}, {K}) @ ({K}, {N}))")  # fmt: skip
     if report["engines"]:
@@ -1203,8 +1201,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         per_format = {e["format"]: e["weight_bytes_per_token"] for e in report["engines"]}
         note("decode ceiling = bandwidth / weight bytes read per token (every layer and lm_head, not the "
              "embedding): " + "; ".join(f"{fmt} {_bytes(b)}" for fmt, b in per_format.items()))  # fmt: skip
-        note("% bandwidth, same moment: each run's decode over the ceiling from the bandwidth measured just "
-             "before that run, median of the runs (the machine's bandwidth varies between moments)")
+        note("% bandwidth ceiling: the median run's decode over the ceiling from the best bandwidth; best run: "
+             "the fastest run's (the machine's bandwidth varies from moment to moment, and the ceiling is its best)")
     note(f"machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; NumPy BLAS {m['numpy_blas']}, "
          f"threads {m['blas_threads']}")  # fmt: skip
     others = m["other_processes_cpu_cores"]
