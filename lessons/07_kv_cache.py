@@ -199,32 +199,37 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # The same reasoning for Qwen2.5-Coder-0.5B-Instruct in float32: a decode step reads every
 # decoder layer and the 544 MB `lm_head` — 1.98 GB — so at this machine's bandwidth it
 # cannot beat `bandwidth / 1.98 GB` tokens per second. `make bench` (`minqwen2 bench`)
-# measures the bandwidth and every engine in the same run; on our development machine
-# (2 cores; memory read 23.8 GB/s and float32 matmul 138 GFLOP/s, both the best of six
-# measurements in the run), for a 512-token prompt and 128 greedy tokens, it found:
+# measures the bandwidth and every engine in the same run. On our development machine
+# (2 cores), for a 512-token prompt and 128 greedy tokens, the bandwidth moved between
+# 16.0 and 25.6 GB/s over 30 measurements of that run (the machine is shared); the best,
+# 25.6 GB/s, is the ceiling (13.0 tok/s), and float32 matmul peaked at 149 GFLOP/s:
 #
-# | engine | prefill tok/s | of the compute ceiling (187) | decode tok/s | of the bandwidth ceiling |
-# |---|---|---|---|---|
-# | minqwen2 NumPy, float32 | 136.4 | 73% | 9.22 | 76% of 12.1 |
-# | llama.cpp, the same weights as an F32 GGUF | 112.7 | 60% | 9.18 | 76% of 12.1 |
-# | HF transformers, float32 | 109.9 | 59% | 4.17 | 35% of 12.1 |
-# | HF transformers, bfloat16 | 23.4 | 12% | 7.51 | 31% of 24.1 |
+# | engine | prefill tok/s | of the compute ceiling (202) | decode tok/s | of the bandwidth ceiling | its best run |
+# |---|---|---|---|---|---|
+# | minqwen2 NumPy, float32 | 114.7 | 57% | 9.26 | 71% of 13.0 | 84% |
+# | llama.cpp, the same weights as an F32 GGUF | 97.5 | 48% | 7.90 | 61% of 13.0 | 67% |
+# | HF transformers, float32 | 110.8 | 55% | 4.22 | 33% of 13.0 | 34% |
+# | HF transformers, bfloat16 | 23.3 | 12% | 7.84 | 30% of 25.9 | 31% |
 #
-# All three float32 engines chose the same 128 greedy tokens. The bandwidth itself varied
-# from 18.4 to 23.8 GB/s between measurements of that run (the machine is shared); against
-# the median, 20.7 GB/s, the NumPy decode is at 88% of the ceiling. Run by run, NumPy and
-# llama.cpp decoded 9.22 / 9.18, 9.48 / 9.13 and 9.13 / 9.48 tokens/s: on this machine
-# they decode at the same speed, within its noise — and both more than twice as fast as
-# HF's float32.
+# All three float32 engines chose the same 128 greedy tokens. Run by run, NumPy decoded
+# 8.58, 9.26 and 10.86 tokens/s, llama.cpp 7.16, 7.90 and 8.68, HF 4.12, 4.22 and 4.47:
+# the spread is the machine's, which is why the engines take turns and the table shows
+# medians. In the run before (a ceiling measured six times, not 30), NumPy and llama.cpp
+# decoded at the same speed (9.22 and 9.18); NumPy is more than twice as fast as HF's
+# float32 in every run.
 #
-# Where a NumPy decode step's time goes (timed on that machine, 114 ms a token at 512
-# tokens of context): the 97 matrix-vector products alone, run back to back in the same
-# process, take 104 ms — the MLP's gate/up 33 and down 19, the `lm_head` 22, the attention
-# projections 10 (each group timed on its own; they stream 18-25 GB/s). What is left, ~10
-# ms, is ~40 small NumPy operations per layer — attention over the cache, two RMSNorms,
-# RoPE, SiLU, the cache update — each a few microseconds, most of all the first one after
-# each product, which finds the CPU caches emptied by the megabytes of weights just
-# streamed through them. What made the step fast, each trick commented where it lives:
+# Where a NumPy decode step's time goes (timed on that machine in a quiet minute, 97.8 ms
+# a token at ~540 tokens of context): the 97 matrix-vector products take 81.4 ms, 24.3
+# GB/s — the MLP's gate/up 32.6 and down 17.9, the `lm_head` 20.2, the attention
+# projections 10.8 (the two small ones, 4 and 3 MB a layer, stream at only ~16 GB/s: every
+# product pays ~40 us before its memory streams are flowing). What is left, 16.4 ms, is
+# ~75 small NumPy operations per layer: attention over the cache 8.0 ms (two small matrix
+# products a layer, ~55 us each at 560 keys), the two RMSNorms 2.7, SiLU and the gate
+# 2.0, RoPE 1.6, the rest ~2. The same operations with the big products left out, so that
+# nothing flushes the CPU caches between them, take 13.0 ms: each is a few microseconds of
+# Python and NumPy overhead, and each is slower when it is the first after a product has
+# streamed megabytes of weights through the caches. What made the step fast, each trick
+# commented where it lives:
 #
 # * the weights in ordinary memory, read once at load (`weights.py`, `mmap=False`), not
 #   mapped from the file: the kernel backs large arrays with 2 MiB pages, and the
@@ -237,6 +242,8 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 #   slice of rows at a time (`weights.read_tensor_column_major`), so no second copy of
 #   its 544 MB is ever made;
 # * the cache written in place, never concatenated (`kv_cache.py`);
+# * decoding one token goes straight to the attention product: its query sees every key,
+#   so no mask is built and there is one block of queries (`attention.py`, ~1 ms a token);
 # * the `lm_head` only for the last position during prefill (`last_only`), which saves
 #   151,936 × 896 multiply-adds for every other prompt token;
 # * in prefill, scores computed per block of queries small enough for the CPU's caches,
