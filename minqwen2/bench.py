@@ -77,8 +77,8 @@ at a time. At most one group is loaded — ~7 GB for the first, the largest. Int
 is within a group; the ceilings are measured before the first group, between groups and
 after the last.
 
-The machine's ceilings (measured before, between and after the groups; the best is used)
-----------------------------------------------------------------------------------------
+The machine's ceilings (measured before, between and after the groups, and before each run)
+--------------------------------------------------------------------------------------------
 A ceiling is what the machine can do, so the best measurement counts: on a shared machine
 a single measurement taken while a neighbour runs would put the ceiling too low, and an
 engine that ran in a quieter moment would then show more than 100% of it.
@@ -95,15 +95,15 @@ engine that ran in a quieter moment would then show more than 100% of it.
   the best of them a surer ceiling, and each run's is kept in ``bench.json``, so a slow
   run can be told from a slow moment. (On the test machine they predict a run's speed
   poorly: the bandwidth changes within the seconds a run takes.)
+* float32 matmul throughput: a prefill-shaped sgemm ``(512, 896) @ (896, 4864)`` (the
+  0.5B model's MLP), best of several, ``2·M·K·N`` FLOPs / seconds — with NumPy's BLAS and
+  threads, in a worker that imported the NumPy model first, so it runs with the NumPy
+  engine's settings.
 
 The decode fraction is a median speed over the best bandwidth, so on a noisy machine it
 sits below what the engine does at its best. A second figure compares like with like:
 the engine's fastest run over the same ceiling (``decode_fraction_best_run``), both the
 best the run saw.
-* float32 matmul throughput: a prefill-shaped sgemm ``(512, 896) @ (896, 4864)`` (the
-  0.5B model's MLP), best of several, ``2·M·K·N`` FLOPs / seconds — with NumPy's BLAS and
-  threads, in a worker that imported the NumPy model first, so it runs with the NumPy
-  engine's settings.
 
 Per engine, computed from ``config.json`` (not measured)
 --------------------------------------------------------
@@ -313,9 +313,9 @@ APPLE_SILICON_GB_S = {"M1": 68.25, "M2": 100.0, "M3 Pro": 150.0, "M2 Max": 400.0
 # 3. The machine: its ceilings, its facts, how busy it is
 # =====================================================================================
 
-MATMUL_SHAPE = (512, 896, 4864)
+MATMUL_SHAPE = (512, 896, 4864)  # (M, K, N): a 512-token prefill through the 0.5B model's MLP
 #: Passes per reader for the bandwidth measured just before each timed run (~1 s for 1 GiB).
-BESIDE_RUN_PASSES = 2  # (M, K, N): a 512-token prefill through the 0.5B model's MLP
+BEFORE_RUN_PASSES = 2
 
 
 def measure_bandwidth(nbytes: int, passes: int = 5) -> float:
@@ -368,7 +368,7 @@ class MachineProbe:
 
     def bandwidth(self, nbytes: int) -> float:
         """The bandwidth alone, fewer passes: the measurement taken just before each timed run."""
-        return measure_bandwidth(nbytes, passes=BESIDE_RUN_PASSES)
+        return measure_bandwidth(nbytes, passes=BEFORE_RUN_PASSES)
 
     def facts(self) -> dict[str, Any]:
         return {"numpy_blas": numpy_blas(), "blas_threads": blas_threads()}
@@ -873,8 +873,8 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
     prefill_tok_s, decode_tok_s, weight_bytes_per_token, decode_ceiling_tok_s,
     decode_fraction, decode_fraction_best_run, prefill_flops_per_token, prefill_fraction,
     peak_rss_bytes, load_s, greedy_agrees_from_start, first_divergence, runs:
-    [{prefill_tok_s, decode_tok_s, memory_bandwidth_gb_s}], ...}], "skipped": [{engine, reason}], "apple_silicon_computed": [{chip,
-    bandwidth_gb_s, decode_tok_s}]}``. Speeds are medians over the runs; fractions are
+    [{prefill_tok_s, decode_tok_s, memory_bandwidth_gb_s}], ...}], "skipped": [{engine,
+    reason}], "apple_silicon_computed": [{chip, bandwidth_gb_s, decode_tok_s}]}``. Speeds are medians over the runs; fractions are
     speed / ceiling (``decode_fraction_best_run``: the fastest run's decode over the same
     ceiling). ``log`` receives progress lines.
     """
@@ -1020,8 +1020,8 @@ def _run_group(
         measured.append(_Measured(spec, worker, T, n))
 
     # The bandwidth is measured again just before each timed run, by a probe process that
-    # lives through the rounds: a decode is then also compared with the bandwidth the
-    # machine offered at that moment, not only with the best moment of the whole run.
+    # lives through the rounds: more measurements, spread over the run, make their best a
+    # surer ceiling, and each run's is recorded beside it.
     probe = Worker("machine") if measured else None
     for r in range(settings.runs):
         for m in list(measured):  # interleaved: every engine once per round
