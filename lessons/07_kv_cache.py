@@ -201,7 +201,7 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # cannot beat `bandwidth / 1.98 GB` tokens per second. `make bench` (`minqwen2 bench`)
 # measures the bandwidth and every engine in the same run. On our development machine
 # (2 cores), for a 512-token prompt and 128 greedy tokens, the bandwidth moved between
-# 16.0 and 25.6 GB/s over 30 measurements of that run (the machine is shared); the best,
+# 16.0 and 25.6 GB/s over 45 measurements of that run (the machine is shared); the best,
 # 25.6 GB/s, is the ceiling (13.0 tok/s), and float32 matmul peaked at 149 GFLOP/s:
 #
 # | engine | prefill tok/s | of the compute ceiling (202) | decode tok/s | of the bandwidth ceiling | its best run |
@@ -214,7 +214,7 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # All three float32 engines chose the same 128 greedy tokens. Run by run, NumPy decoded
 # 8.58, 9.26 and 10.86 tokens/s, llama.cpp 7.16, 7.90 and 8.68, HF 4.12, 4.22 and 4.47:
 # the spread is the machine's, which is why the engines take turns and the table shows
-# medians. In the run before (a ceiling measured six times, not 30), NumPy and llama.cpp
+# medians. In the run before (a ceiling measured six times, not 45), NumPy and llama.cpp
 # decoded at the same speed (9.22 and 9.18); NumPy is more than twice as fast as HF's
 # float32 in every run.
 #
