@@ -874,9 +874,10 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
     decode_fraction, decode_fraction_best_run, prefill_flops_per_token, prefill_fraction,
     peak_rss_bytes, load_s, greedy_agrees_from_start, first_divergence, runs:
     [{prefill_tok_s, decode_tok_s, memory_bandwidth_gb_s}], ...}], "skipped": [{engine,
-    reason}], "apple_silicon_computed": [{chip, bandwidth_gb_s, decode_tok_s}]}``. Speeds are medians over the runs; fractions are
-    speed / ceiling (``decode_fraction_best_run``: the fastest run's decode over the same
-    ceiling). ``log`` receives progress lines.
+    reason}], "apple_silicon_computed": [{chip, bandwidth_gb_s, decode_tok_s}]}``.
+    Speeds are medians over the runs; fractions are speed / ceiling
+    (``decode_fraction_best_run``: the fastest run's decode over the same ceiling).
+    ``log`` receives progress lines.
     """
     config = Qwen2Config.from_file(settings.model_dir)
     skipped: list[dict[str, str]] = []
