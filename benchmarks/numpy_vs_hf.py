@@ -5,14 +5,14 @@
 runs ``minqwen2 bench --engines numpy,hf-float32 ...`` (``--no-hf``: ``--engines numpy``).
 The benchmark itself — same prompt, interleaved runs, medians, each engine's peak RSS in
 its own process, and the machine's bandwidth and matmul ceilings — lives in
-``minqwen2/bench.py``; ``minqwen2 bench --help`` lists the flags.
+``minqwen2/tools/bench.py``; ``minqwen2 bench --help`` lists the flags.
 """
 
 from __future__ import annotations
 
 import sys
 
-from minqwen2.cli import main
+from minqwen2.tools.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -133,7 +133,7 @@ print_table(rows, ["sequence length", "fastest band slowed by", "slowest band sl
 # A sliding window W lets each query see only the last W keys (itself included): the cost
 # of a token no longer grows with the context, and the cache can drop old keys. Qwen2's
 # configs carry `use_sliding_window` (false in every released checkpoint) and decide which
-# layers slide by `max_window_layers` — and Qwen2-MoE by a different rule (shared reference
+# layers slide by `max_window_layers` — and Qwen2-MoE by a different rule (docs/hf-semantics.md
 # §7). The mask is the causal one with one more condition: `j > q - W`.
 
 # %%

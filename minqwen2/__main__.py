@@ -2,6 +2,6 @@
 
 import sys
 
-from minqwen2.cli import main
+from minqwen2.tools.cli import main
 
 sys.exit(main())

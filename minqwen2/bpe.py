@@ -5,7 +5,7 @@ the same job with the Rust ``tokenizers`` library (fast); this file shows every 
 ``tests/test_bpe.py`` checks that both produce the same ids as Hugging Face on the real files.
 
 Encoding a string takes five steps, in this order (the same pipeline as HF's
-``Qwen2Tokenizer``; see ``/work/shared/reference/qwen2-hf-semantics.md`` section 13):
+``Qwen2Tokenizer``; see ``docs/hf-semantics.md`` §13):
 
 1. **Split out added tokens.** ``<|im_start|>``, ``<|im_end|>``, ``<tool_call>`` ... are
    matched literally in the raw text and become one id each. The text between them goes on.

@@ -430,7 +430,7 @@ class _Parser:
     ) -> tuple[tuple[str, ...], int | None]:
         """Which layers use sliding-window attention, and the window W.
 
-        Qwen2 and Qwen2-MoE decide this by *different* rules in HF (shared reference §7);
+        Qwen2 and Qwen2-MoE decide this by *different* rules in HF (docs/hf-semantics.md §7);
         released checkpoints all have ``use_sliding_window: false``, so no layer slides.
         An explicit ``layer_types`` list (transformers 5 writes one) wins over both rules.
         """

@@ -40,6 +40,25 @@ from minqwen2.weights import submodule
 Trace = list[tuple[str, np.ndarray]]
 
 
+def check_input_ids(input_ids: np.ndarray | list[int] | object, vocab_size: int) -> np.ndarray:
+    """Token ids as an integer ``(B, T)`` array (a ``(T,)`` input is a batch of one), checked.
+
+    Both backends call this first, so a bad input gets the same message from either: an
+    empty or 3-D array, floats, or an id outside ``[0, vocab_size)`` (which would otherwise
+    read past the embedding table, or wrap around from the end for a negative id).
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]  # (1, T)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (T,) or (B, T) with T >= 1, got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {ids.min()} and max {ids.max()}")
+    return ids
+
+
 class DecoderLayer:
     """One transformer block: attention then MLP, each wrapped in RMSNorm + residual."""
 
@@ -123,7 +142,7 @@ class Qwen2Model:
         * ``trace``: a list that receives ``(stage, activation)`` pairs — the embedding, each
           layer's attention and MLP outputs, the final norm, the logits — for ``minqwen2.debug``.
         """
-        ids = self._check_ids(input_ids)  # (B, T)
+        ids = check_input_ids(input_ids, self.config.vocab_size)  # (B, T)
         B, T = ids.shape
         offset = 0
         if cache is not None:
@@ -150,17 +169,3 @@ class Qwen2Model:
             trace.append(("logits", logits))
         assert logits.dtype == np.float32, logits.dtype
         return logits
-
-    def _check_ids(self, input_ids: np.ndarray | list[int]) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None, :]  # (1, T)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (T,) or (B, T) with T >= 1, got {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}), got min {ids.min()} and max {ids.max()}"
-            )
-        return ids

@@ -81,7 +81,7 @@ from minqwen2.rmsnorm_mlx import RMSNorm
 from minqwen2.rope_mlx import RotaryEmbedding
 from minqwen2.weights import load_weights, submodule
 
-#: The MLX backend's default dtype (CONTRACT.md).
+#: The MLX backend's default dtype (the public contract: README, "The MLX backend").
 DEFAULT_DTYPE = "bfloat16"
 
 FLOAT16_OVERFLOW = (
@@ -148,7 +148,7 @@ class Qwen2Model:
         """
         # The NumPy model's checks, verbatim (shape, integer dtype, range); an mx.array
         # converts with np.asarray.
-        ids = numpy_model.Qwen2Model._check_ids(self, np.asarray(input_ids))  # (B, T)
+        ids = numpy_model.check_input_ids(np.asarray(input_ids), self.config.vocab_size)  # (B, T)
         B, T = ids.shape
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} sequences but input_ids has {B}")

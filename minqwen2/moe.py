@@ -53,27 +53,8 @@ import numpy as np
 
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
+from minqwen2.functional import sigmoid, softmax
 from minqwen2.mlp import MLP, silu
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """exp(x) / sum(exp(x)), computed stably.
-
-    Subtracting the row maximum first changes nothing mathematically (it cancels in the
-    ratio) but keeps exp() from overflowing: the largest term becomes exp(0) = 1.
-    """
-    z = np.exp(x - x.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) without overflow.
-
-    For x below about -88, exp(-x) overflows float32. Using e = exp(-|x|),
-    which is always in (0, 1], gives 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0.
-    """
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 class SparseMoeBlock:

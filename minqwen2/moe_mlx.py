@@ -20,7 +20,7 @@ experts' work. Sorting the rows by expert first (then un-sorting the results) ma
 expert's rows adjacent, so its weights are read once per run; that is what
 ``sorted_indices=True`` promises the kernel. The k results of a token are then weighted
 and summed (NumPy sums them in expert order, HF's default kernel in slot order: round-off
-only, shared reference §9).
+only, docs/hf-semantics.md §9).
 
 Shape legend: B batch, T tokens, N = B*T, C hidden size, E experts, k experts per token,
 I expert width, F shared-expert width, M = N*k (token, expert) pairs.

@@ -56,11 +56,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from minqwen2.checkpoint import GROUP_SIZE, is_quantizable
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error, WeightsError
 
-#: Numbers per quantization group (along a row); the issue's and mlx-lm's default.
-GROUP_SIZE = 64
 #: The supported widths of a quantized weight.
 BITS = (4, 8)
 #: MLX dtypes by name (``load(dtype=...)``).
@@ -217,16 +216,6 @@ def concat_rows(weights: Iterable[Weight]) -> Weight:
 # ----------------------------------------------------------------------------- quantizing
 
 
-def is_quantizable(name: str, shape: tuple[int, ...], group_size: int = GROUP_SIZE) -> bool:
-    """Is the tensor ``name`` quantized (module docstring: projections, experts, embedding, head)?"""
-    matrix = (
-        name.endswith("_proj.weight")
-        or name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
-        or name in ("model.embed_tokens.weight", "lm_head.weight")
-    )
-    return matrix and len(shape) >= 2 and shape[-1] % group_size == 0
-
-
 def quantize_weight(w: mx.array, bits: int, group_size: int = GROUP_SIZE) -> QuantizedWeight:
     """``mx.quantize`` one matrix (its dtype becomes that of the scales)."""
     if bits not in BITS:
@@ -320,7 +309,8 @@ def save_quantized(
     copied alongside. The directory is built beside ``out_dir`` and moved into place at
     the end (the GGUF converter's helpers), so a failure never leaves half a checkpoint.
     """
-    from minqwen2.gguf_convert import check_output_dir, make_temp_dir, normalize_dtype, replace_dir
+    from minqwen2.tools.fsutil import check_output_dir, make_temp_dir, replace_dir
+    from minqwen2.tools.gguf_convert import normalize_dtype
     from minqwen2.weights import load_weights
 
     model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
@@ -381,7 +371,8 @@ def convert_quantized(
     own quantization is undone exactly by ``gguf_convert``), then quantized with MLX's
     scheme.
     """
-    from minqwen2.gguf_convert import check_output_dir, convert_gguf, make_temp_dir
+    from minqwen2.tools.fsutil import check_output_dir, make_temp_dir
+    from minqwen2.tools.gguf_convert import convert_gguf
 
     source, out_dir = Path(source), Path(out_dir).absolute()
     if source.is_dir():

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minqwen2.checkpoint import checkpoint_tensors
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import ConfigError, ModelNotFoundError
 from minqwen2.paths import DEFAULT_MODEL, weights_dir
@@ -53,7 +54,7 @@ from minqwen2.paths import DEFAULT_MODEL, weights_dir
 # 1. The registry: published config.json files
 # =====================================================================================
 #
-# Transcribed from the shared reference (qwen2-hf-semantics.md §15). The dicts hold the
+# Transcribed from docs/hf-semantics.md §15. The dicts hold the
 # keys of the published files except the bookkeeping ``transformers_version``. Keys that
 # do not change inference (``sliding_window`` while ``use_sliding_window`` is false,
 # ``initializer_range``, ``torch_dtype``) are kept anyway so each dict reads like the file.
@@ -332,53 +333,6 @@ def find_model(name: str) -> RegisteredModel | None:
 # =====================================================================================
 # 2. Counting parameters
 # =====================================================================================
-
-
-def checkpoint_tensors(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a checkpoint with this config, name → shape, in HF's order.
-
-    Names are those of Hub safetensors files: one ``mlp.experts.{e}.{gate,up,down}_proj``
-    per routed expert (transformers 5 fuses them into 3-D tensors when it loads; the
-    count is the same). A tied ``lm_head.weight`` is not stored: it *is* the embedding.
-    """
-    C, V = config.hidden_size, config.vocab_size
-    H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    tensors: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        tensors[p + "self_attn.q_proj.weight"] = (H * D, C)
-        if config.qkv_bias:
-            tensors[p + "self_attn.q_proj.bias"] = (H * D,)
-        tensors[p + "self_attn.k_proj.weight"] = (K * D, C)
-        if config.qkv_bias:
-            tensors[p + "self_attn.k_proj.bias"] = (K * D,)
-        tensors[p + "self_attn.v_proj.weight"] = (K * D, C)
-        if config.qkv_bias:
-            tensors[p + "self_attn.v_proj.bias"] = (K * D,)
-        tensors[p + "self_attn.o_proj.weight"] = (C, H * D)  # no bias on the output projection
-        if config.is_moe_layer(i):
-            E, Fe = config.num_experts, config.moe_intermediate_size
-            Fs = config.shared_expert_intermediate_size
-            tensors[p + "mlp.gate.weight"] = (E, C)  # the router
-            for e in range(E):
-                tensors[p + f"mlp.experts.{e}.gate_proj.weight"] = (Fe, C)
-                tensors[p + f"mlp.experts.{e}.up_proj.weight"] = (Fe, C)
-                tensors[p + f"mlp.experts.{e}.down_proj.weight"] = (C, Fe)
-            tensors[p + "mlp.shared_expert.gate_proj.weight"] = (Fs, C)
-            tensors[p + "mlp.shared_expert.up_proj.weight"] = (Fs, C)
-            tensors[p + "mlp.shared_expert.down_proj.weight"] = (C, Fs)
-            tensors[p + "mlp.shared_expert_gate.weight"] = (1, C)
-        else:
-            F = config.intermediate_size
-            tensors[p + "mlp.gate_proj.weight"] = (F, C)
-            tensors[p + "mlp.up_proj.weight"] = (F, C)
-            tensors[p + "mlp.down_proj.weight"] = (C, F)
-        tensors[p + "input_layernorm.weight"] = (C,)
-        tensors[p + "post_attention_layernorm.weight"] = (C,)
-    tensors["model.norm.weight"] = (C,)
-    if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = (V, C)
-    return tensors
 
 
 @dataclass(frozen=True)

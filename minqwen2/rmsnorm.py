@@ -13,7 +13,7 @@ is normalised, which is cheaper and works as well. Consequences worth knowing:
 * scaling the input by any positive constant leaves the output unchanged (up to eps);
 * ``eps`` sits *inside* the square root. It only matters for vectors whose mean square is
   comparable to eps (~1e-6), where it keeps the division finite; put it outside the root
-  and small inputs come out wrong by tens of percent (shared reference §3);
+  and small inputs come out wrong by tens of percent (docs/hf-semantics.md §3);
 * the weight starts at 1 in training; there is no Gemma-style ``(1 + weight)`` offset.
 
 Order of operations (HF's ``Qwen2RMSNorm``): square and average in float32, add eps,

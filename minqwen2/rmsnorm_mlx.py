@@ -12,7 +12,7 @@ elementwise passes. Its conventions map one to one onto HF's ``Qwen2RMSNorm`` an
 * ``eps`` is added inside the square root, as a float32;
 * the normalised vector is cast back to the input dtype *before* the weight multiplies
   it. For float32 this is a no-op; for bfloat16 it is the rounding HF does too (HF's
-  result equals ``weight * normed.to(bf16)`` bit for bit, shared reference §3).
+  result equals ``weight * normed.to(bf16)`` bit for bit, docs/hf-semantics.md §3).
 
 Shape legend: C hidden size; ``...`` any leading axes (B batch, T tokens).
 """

@@ -18,7 +18,7 @@ Which dimensions form a pair? Qwen2 pairs dimension ``j`` with ``j + D/2`` ("rot
 llama.cpp's NEOX layout), not the adjacent ``(2j, 2j + 1)`` of the original paper. The
 checkpoints were *trained* with the half-split pairing, and the q/k projection rows are
 laid out for it: rotating adjacent pairs of the same weights is a different function
-and is wrong by O(1) (shared reference §4).
+and is wrong by O(1) (docs/hf-semantics.md §4).
 
 Stretching the context (``config.rope_parameters["rope_type"]``, all from HF's
 ``modeling_rope_utils.py``):
@@ -31,7 +31,7 @@ Stretching the context (``config.rope_parameters["rope_type"]``, all from HF's
   between them; cos and sin are both scaled by an attention factor (≈ 1 + 0.1 ln factor),
   so q·k grows by its square, sharpening attention over the longer context.
 
-Float32, exactly like HF. Two roundings matter (shared reference §4, §5):
+Float32, exactly like HF. Two roundings matter (docs/hf-semantics.md §4, §5):
 
 1. ``inv_freq`` is computed in float32 by torch. We reproduce it to ≤ 1 ulp (usually
    bit for bit) — see :func:`default_inv_freq`.
@@ -66,7 +66,7 @@ def default_inv_freq(theta: float, dim: int) -> np.ndarray:
     is rounded to float32, ``pow`` is float32 (accurate to ≤ 1 ulp), and so is the
     reciprocal. We take the *correctly rounded* float32 power (see :func:`float32_pow`),
     which torch's own pow matches nearly always: bit-identical for D = 64 at theta 1e4 and
-    1e6, 1 ulp in 1 of 64 entries at D = 128 (shared reference §4). Why it matters: at
+    1e6, 1 ulp in 1 of 64 entries at D = 128 (docs/hf-semantics.md §4). Why it matters: at
     position p the angle is ``p * inv_freq``, so an ulp here moves the angle by p ulps.
     """
     exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)  # (D/2,)  2j / D, rounded in float32

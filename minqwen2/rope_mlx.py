@@ -21,7 +21,7 @@ cos and sin multiplied by ``attention_scaling`` the rotated vector multiplied by
 
 Why not ``base=theta``? MLX would then compute its own frequencies, which differ from
 HF's float32 ``inv_freq`` in the last bits; at position 30,000 that grows into an error of
-2e-3 in the rotated vector (shared reference §4). Passing HF's own table keeps the error
+2e-3 in the rotated vector (docs/hf-semantics.md §4). Passing HF's own table keeps the error
 at float32 round-off (2.4e-7) at every position.
 
 One limit remains. MLX turns the periods back into frequencies with a float32 reciprocal,

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from minqwen2.errors import ConfigError, MinQwen2Error
+from minqwen2.functional import softmax
 
 
 class GenerationError(MinQwen2Error, ValueError):
@@ -187,18 +188,6 @@ def read_generation_config(path: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the steps
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """``exp(x) / sum(exp(x))`` along the last axis, in the input's precision.
-
-    Subtracting the maximum first changes nothing mathematically (it cancels in the
-    ratio) but keeps ``exp`` from overflowing: logits of 100 would give ``inf``. Entries at
-    ``-inf`` come out as exactly 0.
-    """
-    shifted = logits - np.max(logits, axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def apply_logit_bias(logits: np.ndarray, logit_bias: Mapping[int, float]) -> np.ndarray:

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minqwen2.checkpoint import checkpoint_tensors
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
-from minqwen2.registry import checkpoint_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -323,7 +323,7 @@ def load_weights(
       the tensor and the expected shape).
     * Tied embeddings: with ``tie_word_embeddings: true`` the embedding doubles as
       ``lm_head.weight`` — unless the checkpoint holds its own head, which HF 5.24 then
-      keeps (shared reference §10), and so do we. With ``false`` a missing head is an
+      keeps (docs/hf-semantics.md §10), and so do we. With ``false`` a missing head is an
       error: HF would silently initialise a random one.
     * MoE experts come back stacked as HF 5.24's modules hold them:
       ``mlp.experts.gate_up_proj (E, 2I, C)`` (gate rows, then up rows) and

@@ -120,7 +120,7 @@ def as_reference(model):
 
     HF's default MoE kernel (torch ``grouped_mm``) refuses odd widths ("strides should be
     multiple of 16 bytes") — exactly the sizes our tests use. The kernels differ only in
-    summation order (shared reference §1, §9).
+    summation order (docs/hf-semantics.md §1, §9).
     """
     model.set_attn_implementation("eager")
     if getattr(model.config, "model_type", "") == "qwen2_moe":

@@ -32,9 +32,9 @@ import torch
 from helpers import TINY_DENSE, TINY_MOE, random_hf_model, rewrite_config, save_hf_checkpoint
 from safetensors.numpy import load_file
 
-from minqwen2 import bench
-from minqwen2.cli import main as cli_main
 from minqwen2.config import Qwen2Config
+from minqwen2.tools import bench
+from minqwen2.tools.cli import main as cli_main
 
 PROMPT, NEW, RUNS = 9, 5, 2
 MLX_PROMPT, MLX_NEW = 6, 3  # the MLX engines' reduced setting (--mlx-prompt-tokens, --mlx-new-tokens)
@@ -326,7 +326,7 @@ def test_f32_gguf_twin_has_the_same_metadata_and_the_converted_weights(tmp_path)
     from helpers import as_reference
     from test_gguf_convert import DENSE, write_gguf
 
-    from minqwen2.gguf_convert import convert_gguf
+    from minqwen2.tools.gguf_convert import convert_gguf
 
     Q = gguf.GGMLQuantizationType
     types = {"token_embd.weight": Q.Q8_0, "blk.1.attn_q.weight": Q.Q5_0, "output.weight": Q.F16}

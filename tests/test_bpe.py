@@ -148,7 +148,7 @@ def test_pretokenize_generated_matches_tokenizers(text):
 
 
 def test_pretokenize_examples_from_the_reference():
-    """The splits recorded in the shared reference (section 13), re-derived by tokenizers."""
+    """The splits recorded in docs/hf-semantics.md §13, re-derived by tokenizers."""
     for text in ["12345 abc123", "a  b", "  \n  z", "I'm  you'LL"]:
         assert pretokenize(text) == tokenizers_split(text)
     assert pretokenize("12345 abc123") == ["1", "2", "3", "4", "5", " abc", "1", "2", "3"]

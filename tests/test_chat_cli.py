@@ -5,7 +5,7 @@ live view's cursor movements), so the assertions are about text a user sees. Rep
 compared with ``minqwen2.generate`` run in this process on the same conversation: a fresh
 prefill of the whole conversation, the reference test_chat.py ties to HF.
 
-The ``real`` test is the issue's scenario on the default model — two turns, ``/stats``,
+The ``real`` test is the chat's whole scenario on the default model — two turns, ``/stats``,
 ``/reset``, Ctrl-C in the middle of a reply and one more turn, ``/save``, then ``/load`` in
 a new process — with short greedy replies so it stays well under a minute on a quiet machine.
 """

@@ -1,4 +1,4 @@
-"""GGUF → HF layout (``minqwen2.gguf_convert``), checked against transformers.
+"""GGUF → HF layout (``minqwen2.tools.gguf_convert``), checked against transformers.
 
 Three references:
 
@@ -33,9 +33,14 @@ from hypothesis import strategies as st
 from tokenizer_corpus import CORPUS
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
-import minqwen2.gguf_convert as conv
+import minqwen2.tools.gguf_convert as conv
 from minqwen2.errors import ConfigError, MinQwen2Error, WeightsError
-from minqwen2.gguf_convert import _byte_alphabet, cast_for_output, convert_gguf, float32_to_bfloat16_bits
+from minqwen2.tools.gguf_convert import (
+    _byte_alphabet,
+    cast_for_output,
+    convert_gguf,
+    float32_to_bfloat16_bits,
+)
 
 Q = gguf.GGMLQuantizationType
 

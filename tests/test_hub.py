@@ -1,4 +1,4 @@
-"""``minqwen2 download REPO_ID`` (``minqwen2.hub``).
+"""``minqwen2 download REPO_ID`` (``minqwen2.tools.hub``).
 
 This machine cannot reach the Hub, which is the case the offline tests need: the command must fail within
 seconds, in one line naming the offline route. The download itself is checked with ``huggingface_hub``'s
@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from minqwen2 import hub
 from minqwen2.errors import MinQwen2Error, ModelNotFoundError
+from minqwen2.tools import hub
 
 huggingface_hub = pytest.importorskip("huggingface_hub", reason="the `hub` extra is not installed")
 

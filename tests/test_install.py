@@ -20,8 +20,8 @@ import pytest
 from helpers import random_hf_model
 from test_gguf_convert import DENSE, write_gguf
 
-import minqwen2.gguf_convert as conv
-import minqwen2.install as install
+import minqwen2.tools.gguf_convert as conv
+import minqwen2.tools.install as install
 from minqwen2.errors import WeightsError
 from minqwen2.paths import DEFAULT_MODEL
 

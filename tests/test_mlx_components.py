@@ -73,7 +73,7 @@ def test_rms_norm_matches_hf_and_numpy(data, eps):
 @given(inputs(), st.sampled_from(EPSILONS))
 def test_rms_norm_bfloat16_is_hf_bit_for_bit(data, eps):
     """In bfloat16, HF normalises in float32, rounds to bf16, then multiplies by the bf16
-    weight (shared reference §3). ``mx.fast.rms_norm`` does the same two roundings, so the
+    weight (docs/hf-semantics.md §3). ``mx.fast.rms_norm`` does the same two roundings, so the
     results are identical, not merely close."""
     x, weight = data
     module = hf_qwen2.Qwen2RMSNorm(weight.shape[0], eps=eps).to(torch.bfloat16)

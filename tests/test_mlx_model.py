@@ -352,7 +352,7 @@ def test_cli_convert_bits_from_a_gguf_file(tmp_path):
     """``minqwen2 convert GGUF OUT --bits 4``: GGUF → float32 HF layout → MLX 4-bit."""
     from test_gguf_convert import write_gguf
 
-    from minqwen2.cli import main
+    from minqwen2.tools.cli import main
 
     hf = random_hf_model({**QUANT_DENSE, "vocab_size": 271}, seed=6)  # the test GGUF's vocabulary
     gguf = write_gguf(tmp_path / "tiny.gguf", hf)

@@ -4,7 +4,7 @@ MLX's Linux CPU backend is slow (a reference BLAS: ~1-2 tokens/s for this model,
 bits), so everything that runs *through MLX* here is a few tokens long, and the long
 measurements run through the NumPy model on exactly the same numbers:
 
-* **float32**: MLX vs HF logits on a short prompt, within 1e-4 (the issue's bound, and
+* **float32**: MLX vs HF logits on a short prompt, within 1e-4 (the project's bound, and
   test_model_real.py's; see ATOL for how close MLX's CPU matmuls come to it).
 * **4 / 8 bits**: the quantized format's *quality* is measured by running the NumPy model
   on the exactly dequantized weights (``QuantizedWeight.dequantize``, i.e. ``mx.dequantize``
@@ -16,7 +16,7 @@ measurements run through the NumPy model on exactly the same numbers:
   the greedy test.
 
 Quality is teacher-forced perplexity on ``tests/data/perplexity.md`` (1,024 tokens of
-English Markdown), relative to float32. Bounds from the issue: +1% for bfloat16 and 8 bits,
+English Markdown), relative to float32. The project's bounds: +1% for bfloat16 and 8 bits,
 +12% for 4 bits (HF measured +0.2%, +0.2%, +9.2% on its own text). Greedy: 16 tokens on 9
 prompts, identical to float32 on at least 7, for bfloat16 (through MLX) and 8 bits.
 """
@@ -40,7 +40,7 @@ from minqwen2.weights import load_weights
 # batched greedy runs, one of them through MLX): `-m "not slow"` leaves it out.
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-# float32 vs HF: the issue's bound, test_model_real.py's (HF's own two attention kernels
+# float32 vs HF: the project's bound, test_model_real.py's (HF's own two attention kernels
 # differ by 2e-5 here; a bug moves logits by 1e-2 or more). MLX's CPU matmuls accumulate
 # each row sequentially, with 5-8x the round-off of NumPy's or torch's BLAS on rows of
 # 900-4,900 terms, so the MLX twin sits nearer the bound than the NumPy model: on the six

@@ -113,7 +113,7 @@ def test_cache_whole_vs_token_by_token_vs_chunks(pair):
     Dynamic NTK runs within max_position_embeddings only: beyond it the frequencies
     depend on the length of each call, so keys cached during short calls were rotated
     differently than a whole-prompt pass rotates them — HF has the same property
-    (shared reference §5, "dynamic"). Below it, dynamic equals default RoPE.
+    (docs/hf-semantics.md §5, "dynamic"). Below it, dynamic equals default RoPE.
     """
     ours, _ = pair
     n = 17 if ours.config.rope_type != "dynamic" else ours.config.max_position_embeddings

@@ -183,7 +183,7 @@ def test_is_moe_layer_matches_hf_decoder_layers(n_layers, step, num_experts, dat
 
 
 def test_is_moe_layer_known_patterns():
-    """The patterns of shared reference §9, and a dense Qwen2 (never sparse)."""
+    """The patterns of docs/hf-semantics.md §9, and a dense Qwen2 (never sparse)."""
     base = dict(
         model_type="qwen2_moe",
         hidden_size=12,

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from minqwen2.cli import main
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import ModelNotFoundError
 from minqwen2.paths import DEFAULT_MODEL
@@ -41,6 +40,7 @@ from minqwen2.registry import (
     summary_row,
     weight_bytes,
 )
+from minqwen2.tools.cli import main
 
 # ----------------------------------------------------------------------------- helpers
 

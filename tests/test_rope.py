@@ -143,7 +143,7 @@ QWEN25_YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
     ],
 )
 def test_released_head_dim_64_settings_are_bit_identical(rope):
-    """The shared reference's claim (§4): for D = 64 the frequencies match HF bit for bit."""
+    """The claim of docs/hf-semantics.md §4: for D = 64 the frequencies match HF bit for bit."""
     d = dict(hidden_size=14 * 64, num_attention_heads=14, num_key_value_heads=2, rope_parameters=rope)
     d["max_position_embeddings"] = 131072 if rope["rope_type"] == "yarn" else 32768
     ours, theirs = both(d)

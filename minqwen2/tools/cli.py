@@ -306,7 +306,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from minqwen2.gguf_convert import convert_gguf
+    from minqwen2.tools.gguf_convert import convert_gguf
 
     if args.bits is not None:  # MLX-quantized checkpoint (minqwen2/quantize_mlx.py)
         from minqwen2.quantize_mlx import convert_quantized
@@ -320,14 +320,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_install_default(args: argparse.Namespace) -> int:
-    from minqwen2.install import install_default
+    from minqwen2.tools.install import install_default
 
     install_default(source=args.source)
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from minqwen2.hub import download
+    from minqwen2.tools.hub import download
 
     out = download(args.repo_id, revision=args.revision, force=args.force)
     print(f"downloaded {args.repo_id} → {out}", file=sys.stderr)
@@ -338,7 +338,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from minqwen2.bench import bench_main
+    from minqwen2.tools.bench import bench_main
 
     return bench_main(args)
 

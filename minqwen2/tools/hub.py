@@ -44,7 +44,7 @@ def download(repo_id: str, *, revision: str | None = None, force: bool = False) 
     Only the files in :func:`wanted_files` are fetched, into a hidden temporary directory that is
     renamed into place once everything has arrived; an error or Ctrl-C leaves nothing behind.
     """
-    from minqwen2.gguf_convert import check_output_dir, make_temp_dir, replace_dir
+    from minqwen2.tools.fsutil import check_output_dir, make_temp_dir, replace_dir
 
     hub = _import_hub()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):

@@ -817,7 +817,7 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
     """
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
-    from minqwen2.gguf_convert import dequantize_rows, logical_shape
+    from minqwen2.tools.gguf_convert import dequantize_rows, logical_shape
 
     reader = GGUFReader(src)
     partial = dst.with_name(dst.name + ".partial")

@@ -43,9 +43,7 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -53,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from minqwen2.errors import ConfigError, MinQwen2Error, WeightsError
+from minqwen2.errors import ConfigError, WeightsError
+from minqwen2.tools.fsutil import check_output_dir, make_temp_dir, progress_bar, replace_dir, status
 
 #: GGUF ``general.architecture`` → HF ``model_type``.
 ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
@@ -677,38 +676,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty directory (or a file) unless ``force``."""
-    if out_dir.is_file() or out_dir.is_symlink():
-        raise MinQwen2Error(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise MinQwen2Error(f"{out_dir}: directory exists and is not empty (use --force to replace it)")
-
-
-def make_temp_dir(target: Path, kind: str = "partial") -> Path:
-    """A hidden sibling directory of ``target`` to build it in (same file system, so renaming is atomic)."""
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the model should not stay that way
-    return work
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move the finished directory ``new`` to ``target``, replacing what is there, never leaving half of it.
-
-    ``os.replace`` of a directory is atomic but needs the target absent or empty, so an old model is first
-    renamed aside, then deleted once the new one is in place.
-    """
-    old = None
-    if target.exists() and any(target.iterdir()):
-        old = make_temp_dir(target, "old")
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_gguf(
     gguf_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -757,30 +724,3 @@ def convert_gguf(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out_dir
-
-
-@contextmanager
-def status(enabled: bool, message: str) -> Iterator[None]:
-    """A spinner with ``message`` on stderr while a step without measurable progress runs."""
-    if not enabled:
-        yield
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status(message):
-        yield
-
-
-@contextmanager
-def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr; yields ``advance(label)``, called once per finished item."""
-    if not enabled:
-        yield lambda label: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, TextColumn("[dim]{task.fields[label]}"), console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total, label="")
-        yield lambda label: bar.update(task, advance=1, label=label)
