@@ -101,7 +101,10 @@ save_figure(fig, "00_decoder")
 #
 # `minqwen2/registry.py` holds the published `config.json` of every Qwen2 model (base and
 # instruct) and of this course's default model, Qwen2.5-Coder-0.5B-Instruct. Read its table
-# with `minqwen2 models`, or below. Worth noticing before any code:
+# with `minqwen2 models`, or below. (That table has two "non-embedding" columns: HF's, which
+# drops the embedding table only, and Qwen's, which drops an untied `lm_head` too; the last
+# section of this lesson checks Qwen's published figures against it.) Worth noticing before
+# any code:
 #
 # * **GQA everywhere.** Every size has far fewer key/value heads (K) than query heads (H):
 #   2, 2, 4, 4, 8 KV heads. Lesson 04 shows what that saves.
@@ -158,17 +161,21 @@ print_table(rows, ["model", "layers", "C", "H/K", "D", "MLP", "V", "tied", "max 
 # | attention, per layer | q (HD, C) + bias, k and v (KD, C) + biases, o (C, HD) | C·HD + HD + 2(C·KD + KD) + HD·C |
 # | norms, per layer | two (C,) gains | 2C |
 # | dense MLP, per layer | gate, up (F, C); down (C, F) | 3·C·F |
-# | MoE block, per layer | router (E, C); E experts of width Fe; a shared expert of width Fs and its (1, C) gate | E·C + 3E·C·Fe + 3C·Fs + C |
+# | MoE block, per layer | router (E, C); E experts of width I; a shared expert of width J and its (1, C) gate | E·C + 3E·C·I + 3C·J + C |
 # | output | final norm (C,); `lm_head` (V, C) unless tied | C + V·C |
 #
 # *Active* parameters count what one token passes through: in an MoE layer only k of the E
 # routed experts.
 #
-# **Shapes.** The letters used throughout the course: `B` batch, `T` tokens, `C` hidden
-# size, `H` query heads, `K` key/value heads, `G = H/K`, `D` head dim, `F` MLP width, `V`
-# vocabulary, `E` experts. A weight `(out, in)` maps `(..., in)` to `(..., out)`.
+# **Shapes.** The letters used throughout the course (the legend at the top of
+# `minqwen2/config.py`): `B` batch, `T` tokens, `C` hidden size, `H` query heads, `K`
+# key/value heads, `G = H/K`, `D` head dim, `F` dense MLP width, `V` vocabulary, `E`
+# experts, `k` experts per token, `I` routed-expert width, `J` shared-expert width. A
+# weight `(out, in)` maps `(..., in)` to `(..., out)`.
 #
-# **Read:** `count_parameters` and `checkpoint_tensors` in `minqwen2/registry.py`.
+# **Read:** `checkpoint_tensors` in `minqwen2/checkpoint.py` (every tensor's name and shape,
+# the one list the loader, the converters and the counts all use) and `count_parameters` in
+# `minqwen2/registry.py`.
 #
 # Where do the parameters sit? Mostly in the MLPs. The embedding table matters only for the
 # small models: more than a quarter of Qwen2-0.5B is its (151,936 × 896) table.
@@ -221,7 +228,9 @@ save_figure(fig, "00_parameters")
 # us check every figure against the count from the config. The three figures below that
 # match to the last digit (1.5B, 57B-A14B, 72B) fix what "non-embedding" means there: the
 # total minus the embedding table *and* the output head (one V·C matrix when tied, two
-# otherwise).
+# otherwise). That is `count_parameters(config).non_embedding_qwen`, the "non-emb. Qwen"
+# column of `minqwen2 models`; HF's `num_parameters(exclude_embeddings=True)` (the
+# `non_embedding` field, "non-emb. HF") keeps an untied head.
 
 # %%
 ANNOUNCED = {  # repo: (parameters, non-embedding parameters), in billions, as published
@@ -238,8 +247,7 @@ for repo, (total_b, non_embedding_b) in ANNOUNCED.items():
     config = find_model(repo).qwen2_config()
     count = count_parameters(config)
     vc = config.vocab_size * config.hidden_size  # one (V, C) matrix
-    head_matrices = vc if config.tie_word_embeddings else 2 * vc  # embedding (+ lm_head)
-    ours = (count.total / 1e9, (count.total - head_matrices) / 1e9)
+    ours = (count.total / 1e9, count.non_embedding_qwen / 1e9)  # without embedding (+ untied lm_head)
     gaps[repo] = (ours[0] - total_b, ours[1] - non_embedding_b, vc / 1e9)
     marks = [
         "ok" if abs(o - s) <= ROUNDING + 1e-9 else f"off by {o - s:+.3f}"
@@ -276,18 +284,21 @@ assert list(big_gaps) == ["Qwen/Qwen2-7B"]
 assert all(abs(g - big_gaps["Qwen/Qwen2-7B"][2]) <= ROUNDING for g in big_gaps["Qwen/Qwen2-7B"][:2])
 
 # %% [markdown]
-# The 7B's published numbers are what you get if its output head were *tied* to its
-# embedding, as in 0.5B and 1.5B. But Qwen2-7B's `config.json` says
-# `tie_word_embeddings: false`, and its checkpoint stores a separate `lm_head.weight`: it has
-# **7.62B** parameters (6.53B without the two V·C matrices), and Hugging Face's own
-# `model.num_parameters()` says the same (`tests/test_registry.py` compares every registry
-# config with it). The other sizes check out, including the MoE: 57.41B in total and
-# 14.25B active per token — the "A14B" in its name.
+# No single count of the 7B config gives both published numbers. Qwen2-7B's `config.json`
+# says `tie_word_embeddings: false`, and its checkpoint stores a separate `lm_head.weight`:
+# it has **7.62B** parameters, **6.53B** without the two V·C matrices, and Hugging Face's
+# own `model.num_parameters()` says the same total (`tests/test_registry.py` compares every
+# registry config with it). The published total, 7.07B, is one V·C short: it is what a
+# *tied* 7B would have, or HF's `num_parameters(exclude_embeddings=True)` (the "non-emb. HF"
+# column of `minqwen2 models`). But tying cannot explain the second figure: a tied 7B would
+# still have 6.53B without its one V·C table, and 5.98B is 6.53B minus one more V·C. So do
+# not copy the 7B row; count from the config. The other sizes check out, including the
+# MoE: 57.41B in total and 14.25B active per token — the "A14B" in its name.
 #
 # ## Exercise 00: count the parameters yourself
 #
 # Open `lessons/exercises/00_parameters.py` and write `count_parameters(config)` from the
-# table of formulas above: total, embedding and active parameters.
+# table of formulas above: total, embedding, active and (untied) `lm_head` parameters.
 #
 # *Hint:* loop over the layers; the only difference between layers is
 # `config.is_moe_layer(i)`. Do not forget the q/k/v biases, the final norm, and that a tied

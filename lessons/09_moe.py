@@ -30,7 +30,7 @@ from minqwen2.config import Qwen2Config
 from minqwen2.moe import SparseMoeBlock, softmax
 from minqwen2.registry import count_parameters, find_model
 
-# A tiny MoE with odd, all-different sizes: C = 43, expert width I = 29, shared width F = 31.
+# A tiny MoE with odd, all-different sizes: C = 43, expert width I = 29, shared width J = 31.
 tiny = dict(
     model_type="qwen2_moe", vocab_size=257, hidden_size=43, intermediate_size=37, num_hidden_layers=1,
     num_attention_heads=1, num_key_value_heads=1, head_dim=4, num_experts=8, num_experts_per_tok=2,
@@ -76,7 +76,7 @@ print(f"tokens per expert: {counts.tolist()}; routing-weight sums from {routing_
 # w, e   = top_k(p)                                   the k largest, largest first
 # w      = w / sum(w)          only if norm_topk_prob (false for every Qwen2-MoE checkpoint)
 # routed = Σ_j  w_j · Expert_{e_j}(x)                 each expert a SwiGLU MLP of width I
-# shared = sigmoid(x @ w_gate.T) · SharedExpert(x)    a scalar gate in (0, 1); width F
+# shared = sigmoid(x @ w_gate.T) · SharedExpert(x)    a scalar gate in (0, 1); width J
 # out    = routed + shared
 # ```
 #
@@ -87,7 +87,7 @@ print(f"tokens per expert: {counts.tolist()}; routing-weight sums from {routing_
 # **Shapes.** `x (B, T, C)` is flattened to `(N, C)`, N = B·T: routing is per token.
 # Router `(E, C)` → probabilities `(N, E)` → weights and indices `(N, k)`. Experts fused as
 # `experts.gate_up_proj (E, 2I, C)` and `experts.down_proj (E, C, I)`; expert e runs on its
-# `n_e` tokens `(n_e, C) → (n_e, C)`. Shared expert `(F, C)`, `(F, C)`, `(C, F)`; its gate `(1, C)`.
+# `n_e` tokens `(n_e, C) → (n_e, C)`. Shared expert `(J, C)`, `(J, C)`, `(C, J)`; its gate `(1, C)`.
 #
 # **Read:** `minqwen2/moe.py`: `route`, then `run_experts` (the per-expert loop),
 # `run_experts_dense` (everything on everything, for comparison) and `__call__`.

@@ -36,13 +36,13 @@ Everything assigned up to Unicode 14.0 (every living script) agrees.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
 import regex
 
 from minqwen2.errors import ConfigError, ModelNotFoundError
+from minqwen2.paths import read_json
 
 # --------------------------------------------------------------------------------------
 # Step 4 first, because everything else is written in its alphabet: bytes ↔ characters.
@@ -184,11 +184,10 @@ class BPETokenizer:
         path = Path(path)
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such tokenizer file (expected a tokenizers tokenizer.json)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            model = data["model"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path}: not a tokenizers JSON file with a 'model' section ({err})") from err
+        data = read_json(path)
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise ConfigError(f"{path}: not a tokenizers JSON file: no 'model' section")
         _check_supported(path, model, data.get("added_tokens") or [])
         # Merges are stored as pairs ["Ġ", "t"] in recent files, as "Ġ t" strings in older ones.
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]

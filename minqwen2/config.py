@@ -16,14 +16,25 @@ Two spellings of the RoPE settings exist in the wild, and both load:
 Both end up as one dict, :attr:`Qwen2Config.rope_parameters`, always holding
 ``rope_type`` and ``rope_theta``.
 
-Shape letters used across the package (a legend repeated in each module):
-``V`` vocab, ``C`` hidden size, ``H`` query heads, ``K`` KV heads, ``G = H // K``,
-``D`` head dim, ``F`` MLP width, ``E`` experts.
+Shape letters, the one legend of the package (each module names the letters it uses;
+the fields of :class:`Qwen2Config` carry theirs as trailing comments)::
+
+    B  batch                            V  vocabulary (rows of the embedding table)
+    T  new tokens per sequence          C  hidden size
+    S  keys attended: cached + new      H  query heads
+    N  tokens flattened, B·T            K  key/value heads
+    W  sliding window                   G  query heads per KV head, H // K
+    L  decoder layers                   D  head dim
+    F  dense MLP width                  E  routed experts
+    I  routed-expert width              k  experts per token
+    J  shared-expert width              M  (token, expert) pairs, N·k
+    O  a weight's output dim (rows)
+
+A weight ``(out, in)`` maps ``(..., in)`` to ``(..., out)`` (torch's ``Linear`` layout).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from minqwen2.errors import ConfigError
+from minqwen2.paths import read_json
 
 MODEL_TYPES = ("qwen2", "qwen2_moe")
 
@@ -163,7 +175,7 @@ class Qwen2Config:
     vocab_size: int  # V: rows of the embedding table (may exceed the tokenizer's ids)
     hidden_size: int  # C
     intermediate_size: int  # F: SwiGLU width of the dense MLP
-    num_hidden_layers: int
+    num_hidden_layers: int  # L
     num_attention_heads: int  # H
     num_key_value_heads: int  # K (GQA: H is a multiple of K)
     head_dim: int  # D (HF: `head_dim` if given, else hidden_size // num_attention_heads)
@@ -176,9 +188,9 @@ class Qwen2Config:
     qkv_bias: bool = True
     # Mixture of experts (model_type "qwen2_moe"); zero/empty for dense Qwen2.
     num_experts: int = 0  # E
-    num_experts_per_tok: int = 0  # top-k
-    moe_intermediate_size: int = 0  # width of each routed expert
-    shared_expert_intermediate_size: int = 0  # width of the always-on shared expert
+    num_experts_per_tok: int = 0  # k (top-k)
+    moe_intermediate_size: int = 0  # I: width of each routed expert
+    shared_expert_intermediate_size: int = 0  # J: width of the always-on shared expert
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
@@ -235,13 +247,7 @@ class Qwen2Config:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no such file (a model directory needs a config.json)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> Qwen2Config:

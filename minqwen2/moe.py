@@ -38,11 +38,10 @@ Weights use HF 5.24's layout, where the experts are *fused* 3-D tensors:
 second, and ``experts.down_proj (E, C, I)``. (Hub checkpoints store one tensor per expert,
 ``experts.{e}.gate_proj.weight`` ...; HF stacks them at load time, and so must a loader.)
 
-Shape legend:
-    B batch, T tokens per sequence, N = B*T tokens flattened, C hidden size,
-    E experts, k experts per token (``num_experts_per_tok``), I expert width
-    (``moe_intermediate_size``), F shared-expert width (``shared_expert_intermediate_size``),
-    n_e the number of tokens routed to expert e.
+Shape letters (the legend of ``config.py``): B batch, T tokens per sequence, N = B*T tokens
+flattened, C hidden size, E experts, k experts per token (``num_experts_per_tok``), I
+routed-expert width (``moe_intermediate_size``), J shared-expert width
+(``shared_expert_intermediate_size``), n_e the number of tokens routed to expert e.
 """
 
 from __future__ import annotations
@@ -51,10 +50,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from minqwen2 import fastpath
+from minqwen2.checkpoint import check_tensors, moe_tensors
 from minqwen2.config import Qwen2Config
-from minqwen2.errors import WeightsError
 from minqwen2.functional import sigmoid, softmax
-from minqwen2.mlp import MLP, silu
+from minqwen2.mlp import MLP, silu, silu_mul_fast
 
 
 class SparseMoeBlock:
@@ -65,38 +65,27 @@ class SparseMoeBlock:
         gate.weight                     (E, C)       the router
         experts.gate_up_proj            (E, 2I, C)   per expert: gate rows [:I], up rows [I:]
         experts.down_proj               (E, C, I)
-        shared_expert.gate_proj.weight  (F, C)
-        shared_expert.up_proj.weight    (F, C)
-        shared_expert.down_proj.weight  (C, F)
+        shared_expert.gate_proj.weight  (J, C)
+        shared_expert.up_proj.weight    (J, C)
+        shared_expert.down_proj.weight  (C, J)
         shared_expert_gate.weight       (1, C)
     """
 
     def __init__(self, config: Qwen2Config, weights: Mapping[str, np.ndarray]) -> None:
         E, k = config.num_experts, config.num_experts_per_tok
-        C, I, F = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
         assert 0 < k <= E, f"need 0 < num_experts_per_tok <= num_experts, got k={k}, E={E}"
         self.num_experts, self.top_k, self.norm_topk_prob = E, k, config.norm_topk_prob
-        self.hidden_size, self.expert_size = C, I
+        self.hidden_size, self.expert_size = config.hidden_size, config.moe_intermediate_size
+        # The shapes come from the one checkpoint schema (checkpoint.py), stacked experts.
+        check_tensors(weights, moe_tensors(config, fused_experts=True), "MoE block")
+        w = {name: np.asarray(t, dtype=np.float32) for name, t in weights.items()}  # no copy if float32
 
-        def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            if name not in weights:
-                raise WeightsError(f"MoE block: missing tensor {name!r}, expected shape {shape}")
-            w = np.asarray(weights[name], dtype=np.float32)  # no copy when already float32
-            if w.shape != shape:
-                raise WeightsError(f"MoE block: tensor {name!r} has shape {w.shape}, expected {shape}")
-            return w
-
-        self.router_weight = take("gate.weight", (E, C))  # (E, C)
-        self.gate_up_proj = take("experts.gate_up_proj", (E, 2 * I, C))  # (E, 2I, C)
-        self.down_proj = take("experts.down_proj", (E, C, I))  # (E, C, I)
-        self.shared_expert = MLP(
-            {
-                "gate_proj.weight": take("shared_expert.gate_proj.weight", (F, C)),
-                "up_proj.weight": take("shared_expert.up_proj.weight", (F, C)),
-                "down_proj.weight": take("shared_expert.down_proj.weight", (C, F)),
-            }
-        )
-        self.shared_expert_gate = take("shared_expert_gate.weight", (1, C))  # (1, C)
+        self.router_weight = w["gate.weight"]  # (E, C)
+        self.gate_up_proj = w["experts.gate_up_proj"]  # (E, 2I, C)
+        self.down_proj = w["experts.down_proj"]  # (E, C, I)
+        shared = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        self.shared_expert = MLP({n: w["shared_expert." + n] for n in shared})  # (J, C), (J, C), (C, J)
+        self.shared_expert_gate = w["shared_expert_gate.weight"]  # (1, C)
 
     # ------------------------------------------------------------------ routing
 
@@ -130,7 +119,8 @@ class SparseMoeBlock:
         I = self.expert_size
         gate_up = h @ self.gate_up_proj[e].T  # (n_e, 2I)
         gate, up = gate_up[:, :I], gate_up[:, I:]  # (n_e, I) each: gate rows come first
-        return (silu(gate) * up) @ self.down_proj[e].T  # (n_e, C)
+        hidden = silu_mul_fast(gate, up) if fastpath.enabled() else silu(gate) * up  # (n_e, I): mlp.py
+        return hidden @ self.down_proj[e].T  # (n_e, C)
 
     def run_experts(self, x: np.ndarray, routing_weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """The routed sum, one expert at a time: x (N, C), weights/indices (N, k) -> (N, C).

@@ -55,6 +55,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from minqwen2.bpe import PRETOKENIZE_REGEX, token_to_bytes
 from minqwen2.errors import ConfigError, ModelNotFoundError
+from minqwen2.paths import read_json
 
 #: The template used when a model directory has none: plain ChatML, the format every Qwen2
 #: model is trained on, and the template HF itself used as a default until 2024. It adds
@@ -168,12 +169,12 @@ class Tokenizer:
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read by tokenizers ({err})") from err
         if not isinstance(backend.model, models.BPE):
             raise ConfigError(f"{path / 'tokenizer.json'}: model.type must be 'BPE' for Qwen2")
-        config = _read_json(path / "tokenizer_config.json")
+        config = read_json(path / "tokenizer_config.json", missing_ok=True)
         return cls(
             backend,
             tokenizer_config=config,
             chat_template=_read_chat_template(path, config),
-            generation_config=_read_json(path / "generation_config.json"),
+            generation_config=read_json(path / "generation_config.json", missing_ok=True),
             source=str(path),
         )
 
@@ -405,19 +406,6 @@ class StreamingDetokenizer:
 
 
 # -- helpers: reading files -------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file, or ``{}`` when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_chat_template(path: Path, config: dict[str, Any]) -> str | dict[str, str] | None:

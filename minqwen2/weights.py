@@ -19,11 +19,10 @@ Why read it by hand?
 * **Or reading, lazily.** A model that will read every weight for every token wants them
   in ordinary memory instead (``mmap=False``): the kernel backs large NumPy arrays with
   2 MiB huge pages, where a mapped file gets 4 KiB pages, and a matrix-vector product
-  over a mapped matrix spends part of its time on address translation (about 25% slower
-  for the 544 MB lm_head on our 2-core test machine). Each tensor is then read from the
-  file when it is looked up, into memory of its own, so a tensor the model copies (to
-  fuse q/k/v, say) is freed as soon as the copy is made: peak memory stays the model's
-  size.
+  over a mapped matrix spends part of its time on address translation, so it runs
+  slower. Each tensor is then read from the file when it is looked up, into memory of
+  its own, so a tensor the model copies (to fuse q/k/v, say) is freed as soon as the copy
+  is made: peak memory stays the model's size.
 * **bfloat16.** NumPy has no bfloat16, and published Qwen2 checkpoints are bf16. A bf16
   number is the top 16 bits of a float32, so widening it is a shift:
   ``(bits.astype(uint32) << 16).view(float32)`` — exact, and no torch needed.
@@ -37,6 +36,7 @@ Only safetensors is read: pickle-based ``.bin`` files can run arbitrary code on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -51,6 +51,7 @@ import numpy as np
 from minqwen2.checkpoint import checkpoint_tensors
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
+from minqwen2.paths import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -154,13 +155,9 @@ def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     index = model_dir / INDEX_FILE
     single = model_dir / SINGLE_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise WeightsError(
-                f"{index}: corrupt index: expected a JSON object with a 'weight_map'"
-            ) from None
+        weight_map = read_json(index, error=WeightsError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: corrupt index: expected a JSON object with a 'weight_map'")
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = model_dir / shard
@@ -208,10 +205,9 @@ def read_tensor(info: TensorInfo, mmap: np.memmap | None = None, *, copy: bool =
     return _as_float32(raw, info.dtype)
 
 
-#: Rows per slice when reading a matrix column-major: 512 rows of a 896-wide float32 matrix
-#: (1.8 MB) stay in the CPU's caches while they are scattered into columns, which makes
-#: the whole 544 MB embedding of the 0.5B model take ~0.4 s to lay out (2,048-row slices:
-#: 0.5 s; the whole matrix at once, np.asfortranarray: 3.2 s, and twice the memory).
+#: Rows per slice when reading a matrix column-major: a slice (1.8 MB of a 896-wide float32
+#: matrix) stays in the CPU's caches while it is scattered into columns, and no row-major
+#: copy of the whole matrix is ever made (``np.asfortranarray`` would need twice the memory).
 COLUMN_MAJOR_ROWS = 512
 
 
@@ -258,36 +254,56 @@ def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
 # --------------------------------------------------------- what a model needs
 
 
-def expected_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name (HF's) a checkpoint of ``config`` must hold, with its shape.
+def stored_schema(tensors: Mapping[str, TensorInfo], config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """The tensors this checkpoint must hold, name → shape: :func:`checkpoint_tensors`, read
+    the way this checkpoint stores two things that may be stored either way.
 
-    The list itself is :func:`minqwen2.registry.checkpoint_tensors` (lesson 00 builds it):
-    ``lm_head.weight`` only for untied models, MoE experts one tensor per expert as
-    published checkpoints store them (:func:`load_weights` stacks them).
+    * A sparse layer's experts: one tensor per expert (Hub checkpoints), or stacked as
+      transformers 5 holds them in memory (``mlp.experts.gate_up_proj`` and ``down_proj``,
+      rare but valid), whichever the file has.
+    * A tied ``lm_head.weight``: not stored, it is the embedding; but if the file has its
+      own, HF 5.24 keeps it (docs/hf-semantics.md §10), and so do we.
     """
-    return checkpoint_tensors(config)
+    per_expert, stacked = checkpoint_tensors(config), checkpoint_tensors(config, fused_experts=True)
+    fused = {n.removesuffix("gate_up_proj") for n in stacked if n.endswith("gate_up_proj") and n in tensors}
+    schema = {n: s for n, s in per_expert.items() if _experts_of(n) not in fused}
+    schema.update({n: s for n, s in stacked.items() if _experts_of(n) in fused})
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        schema["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    return schema
 
 
-def _fused_expert_names(tensors: Mapping[str, TensorInfo], config: Qwen2Config) -> dict[str, TensorInfo]:
-    """Accept HF-5's in-memory fused expert tensors too, by describing them per expert.
+def _experts_of(name: str) -> str | None:
+    """``model.layers.3.mlp.experts.`` for any tensor of that layer's routed experts, else None."""
+    head, sep, _ = name.partition(".mlp.experts.")
+    return head + sep if sep else None
 
-    transformers 5 keeps experts as ``mlp.experts.gate_up_proj (E, 2I, C)`` and
-    ``mlp.experts.down_proj (E, C, I)``; a checkpoint written that way is rare but valid.
-    Nothing is read here: we only check those two tensors exist and have the right shape.
-    """
-    found: dict[str, TensorInfo] = {}
-    E, I, C = config.num_experts, config.moe_intermediate_size, config.hidden_size
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}.mlp.experts."
-        if p + "gate_up_proj" in tensors and p + "down_proj" in tensors:
-            for name, shape in ((p + "gate_up_proj", (E, 2 * I, C)), (p + "down_proj", (E, C, I))):
-                if tensors[name].shape != shape:
-                    raise WeightsError(
-                        f"{tensors[name].file}: tensor {name!r} has shape {list(tensors[name].shape)}, "
-                        f"expected {list(shape)}"
-                    )
-                found[name] = tensors[name]
-    return found
+
+def check_checkpoint(
+    tensors: Mapping[str, TensorInfo], schema: Mapping[str, tuple[int, ...]], config: Qwen2Config, where: Path
+) -> None:
+    """Every tensor of ``schema`` present with its shape (a WeightsError naming it if not);
+    tensors the model does not use are ignored with a warning."""
+    for name, shape in schema.items():
+        if name == "lm_head.weight" and name not in tensors:
+            raise WeightsError(
+                f"{where}: tensor 'lm_head.weight' is missing and config.json has "
+                "tie_word_embeddings: false (HF would silently use a random head); expected a "
+                f"[{config.vocab_size}, {config.hidden_size}] tensor, or tie_word_embeddings: true"
+            )
+        if name not in tensors:
+            raise WeightsError(f"{where}: tensor {name!r} is missing; expected shape {list(shape)}")
+        if tensors[name].shape != shape:
+            raise WeightsError(
+                f"{tensors[name].file}: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                f"expected {list(shape)} from {config.source}"
+            )
+    unexpected = sorted(set(tensors) - set(schema))
+    if unexpected:
+        warnings.warn(
+            f"{where}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]!r}",
+            stacklevel=3,
+        )
 
 
 def available_memory() -> int:
@@ -307,6 +323,20 @@ def available_memory() -> int:
     return 1 << 62  # unknown: do not refuse
 
 
+def check_memory(needed: int, model_dir: Path) -> None:
+    """Refuse, before reading anything, a checkpoint whose float32 arrays would not fit in RAM."""
+    free = available_memory()
+    if needed > free:
+        raise WeightsError(
+            f"{model_dir}: the weights need {needed / 2**30:.2f} GiB as float32 but only "
+            f"{free / 2**30:.2f} GiB of memory is available; use a smaller model "
+            "(see `minqwen2 models`) or the MLX backend with --bits 4"
+        )
+
+
+# ----------------------------------------------------------------- loading
+
+
 def load_weights(
     model_dir: str | Path, config: Qwen2Config, *, mmap: bool = True, column_major: Collection[str] = ()
 ) -> Mapping[str, np.ndarray]:
@@ -317,112 +347,75 @@ def load_weights(
       each tensor into new memory — what the NumPy model loads (see the module docstring).
     * ``column_major``: names of matrices to read into column-major memory instead
       (:func:`read_tensor_column_major`; always a copy). The NumPy model asks for its
-      ``lm_head.weight`` so (``model.py`` says why).
+      ``lm_head.weight`` so (``fastpath.py`` says why).
 
-    * Every expected tensor must be present with its exact shape (errors name the file,
-      the tensor and the expected shape).
-    * Tied embeddings: with ``tie_word_embeddings: true`` the embedding doubles as
-      ``lm_head.weight`` — unless the checkpoint holds its own head, which HF 5.24 then
-      keeps (docs/hf-semantics.md §10), and so do we. With ``false`` a missing head is an
-      error: HF would silently initialise a random one.
-    * MoE experts come back stacked as HF 5.24's modules hold them:
-      ``mlp.experts.gate_up_proj (E, 2I, C)`` (gate rows, then up rows) and
-      ``mlp.experts.down_proj (E, C, I)``.
-    * A checkpoint whose float32 size exceeds the available memory is refused first.
-    * Names come largest tensor first (see the end of this function for why).
+    Four steps, each a function below: find every tensor in the files
+    (:func:`find_tensors`), check them against the config's schema
+    (:func:`stored_schema`, :func:`check_checkpoint`) and the memory
+    (:func:`check_memory`), then make one reader per name the model looks up
+    (:func:`model_readers`). The names are HF 5.24's in-memory ones: a tied
+    ``lm_head.weight`` is the embedding array itself, and each sparse layer's experts
+    come stacked, ``mlp.experts.gate_up_proj (E, 2I, C)`` (gate rows, then up rows) and
+    ``mlp.experts.down_proj (E, C, I)``.
     """
     model_dir = Path(model_dir)
     tensors = find_tensors(model_dir)
-    expected = expected_shapes(config)
     where = (model_dir / INDEX_FILE) if (model_dir / INDEX_FILE).is_file() else (model_dir / SINGLE_FILE)
+    schema = stored_schema(tensors, config)
+    check_checkpoint(tensors, schema, config, where)
+    check_memory(sum(tensors[name].numel * 4 for name in schema), model_dir)
 
-    fused = _fused_expert_names(tensors, config) if config.is_moe else {}
-    for name, shape in expected.items():
-        if ".mlp.experts." in name and name.rsplit(".experts.", 1)[0] + ".experts.gate_up_proj" in fused:
-            continue
-        if name not in tensors:
-            if name == "lm_head.weight":
-                raise WeightsError(
-                    f"{where}: tensor 'lm_head.weight' is missing and config.json has "
-                    "tie_word_embeddings: false (HF would silently use a random head); expected a "
-                    f"[{config.vocab_size}, {config.hidden_size}] tensor, or tie_word_embeddings: true"
-                )
-            raise WeightsError(f"{where}: tensor {name!r} is missing; expected shape {list(shape)}")
-        if tensors[name].shape != shape:
-            raise WeightsError(
-                f"{tensors[name].file}: tensor {name!r} has shape {list(tensors[name].shape)}, "
-                f"expected {list(shape)} from {config.source}"
-            )
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        if tensors["lm_head.weight"].shape != (config.vocab_size, config.hidden_size):
-            raise WeightsError(
-                f"{tensors['lm_head.weight'].file}: tensor 'lm_head.weight' has shape "
-                f"{list(tensors['lm_head.weight'].shape)}, expected {[config.vocab_size, config.hidden_size]}"
-            )
-        expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
-    unexpected = sorted(set(tensors) - set(expected) - set(fused))
-    if unexpected:
-        warnings.warn(
-            f"{where}: ignoring {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]!r}",
-            stacklevel=2,
-        )
+    readers = model_readers(TensorReader(tensors, mmap, column_major), config, schema)
+    if not mmap:
+        return LazyTensors(readers)
+    return {name: reader() for name, reader in readers.items()}
 
-    needed = sum(tensors[n].numel * 4 for n in list(expected) + list(fused) if n in tensors)
-    free = available_memory()
-    if needed > free:
-        raise WeightsError(
-            f"{model_dir}: the weights need {needed / 2**30:.2f} GiB as float32 but only "
-            f"{free / 2**30:.2f} GiB of memory is available; use a smaller model "
-            "(see `minqwen2 models`) or the MLX backend with --bits 4"
-        )
 
-    # Everything checked: now read (memory-mapped, one map per file; or copied).
-    maps: dict[Path, np.memmap] = {}
+class TensorReader:
+    """``read(name)``: one checked tensor as float32, mapped or copied, row- or column-major."""
 
-    def read(name: str, column: bool | None = None) -> np.ndarray:
-        info = tensors[name]
+    def __init__(self, tensors: Mapping[str, TensorInfo], mmap: bool, column_major: Collection[str]) -> None:
+        self.tensors, self.mmap, self.column_major = tensors, mmap, set(column_major)
+        self.maps: dict[Path, np.memmap] = {}  # one map per file
+
+    def __call__(self, name: str, column: bool | None = None) -> np.ndarray:
+        info = self.tensors[name]
         if column is None:
-            column = name in column_major
+            column = name in self.column_major
         if column:
             return read_tensor_column_major(info)
-        if mmap and info.file not in maps:
-            maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        return read_tensor(info, maps.get(info.file), copy=not mmap)
+        if self.mmap and info.file not in self.maps:
+            self.maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+        return read_tensor(info, self.maps.get(info.file), copy=not self.mmap)
 
-    # One reader per name; LazyTensors calls it at lookup, the mapped dict right away.
+
+def model_readers(
+    read: TensorReader, config: Qwen2Config, schema: Mapping[str, tuple[int, ...]]
+) -> dict[str, Callable[[], np.ndarray]]:
+    """One reader per name the model looks up, the largest tensor first.
+
+    Most names read their tensor as stored. A tied head shares the embedding's reader, so
+    both names give one array, read once. A sparse layer's experts get two readers that
+    stack them (:func:`_expert_readers`).
+    """
     readers: dict[str, Callable[[], np.ndarray]] = {
-        name: partial(read, name) for name in expected if name in tensors and ".mlp.experts." not in name
+        name: partial(read, name) for name in schema if _experts_of(name) is None
     }
-    if config.tie_word_embeddings and "lm_head.weight" not in readers:
-        # One array for both names, read once: that is what "tied" means (column-major if
-        # either name is asked for so).
-        column = bool({"lm_head.weight", "model.embed_tokens.weight"} & set(column_major))
+    if "lm_head.weight" not in readers:  # tied: one array for both names (column-major if either asks)
+        column = bool({"lm_head.weight", "model.embed_tokens.weight"} & read.column_major)
         readers["model.embed_tokens.weight"] = cache(partial(read, "model.embed_tokens.weight", column))
         readers["lm_head.weight"] = readers["model.embed_tokens.weight"]
     for i in range(config.num_hidden_layers):
         if config.is_moe_layer(i):
             p = f"model.layers.{i}.mlp.experts."
-            gate_up, down = _expert_readers(read, p, config.num_experts, fused=p + "gate_up_proj" in fused)
+            gate_up, down = _expert_readers(read, p, config.num_experts, fused=p + "gate_up_proj" in schema)
             readers[p + "gate_up_proj"], readers[p + "down_proj"] = gate_up, down
 
-    # Largest first: whoever converts the tensors one at a time, in this order (MLX's
-    # quantize_mlx.to_mlx), then makes its largest transient copies while it holds little
-    # else. The 0.5B model's float32 MLX load peaked at 2.92 GiB in the file's order (the
-    # embedding first, the lm_head last), 2.38 GiB with both first.
-    E, I, C = config.num_experts, config.moe_intermediate_size, config.hidden_size
-    stacked = {"gate_up_proj": E * 2 * I * C, "down_proj": E * C * I}  # a MoE layer's experts
-
-    def numel(name: str) -> int:
-        if name in tensors:
-            return tensors[name].numel
-        if name == "lm_head.weight":  # tied: the embedding's size
-            return tensors["model.embed_tokens.weight"].numel
-        return stacked[name.rsplit(".", 1)[-1]]
-
-    readers = dict(sorted(readers.items(), key=lambda item: -numel(item[0])))  # stable: ties keep their order
-    if not mmap:
-        return LazyTensors(readers)
-    return {name: reader() for name, reader in readers.items()}
+    # Largest first: a consumer that converts tensors one at a time in this order (MLX's
+    # to_mlx) makes its largest transient copies while it holds little else: a lower peak.
+    shapes = checkpoint_tensors(config, fused_experts=True)
+    shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)  # stored, or tied
+    return dict(sorted(readers.items(), key=lambda item: -math.prod(shapes[item[0]])))  # stable sort
 
 
 def _expert_readers(

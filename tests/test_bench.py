@@ -212,7 +212,8 @@ def test_quantized_weight_bytes_per_token_are_mlxs_arrays(tmp_path, bits, dtype,
     """The formula against the arrays MLX's quantizer really builds (packed + scales + biases)."""
     import mlx.core as mx
 
-    from minqwen2.quantize_mlx import DTYPES, QuantizedWeight, quantize_weights, to_mlx
+    from minqwen2.linear_mlx import QuantizedWeight
+    from minqwen2.quantize_mlx import DTYPES, quantize_weights, to_mlx
     from minqwen2.weights import load_weights
 
     path = save_hf_checkpoint(random_hf_model({**QUANTIZABLE, "tie_word_embeddings": tied}), tmp_path)

@@ -36,7 +36,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_
 import minqwen2.tools.gguf_convert as conv
 from minqwen2.errors import ConfigError, MinQwen2Error, WeightsError
 from minqwen2.tools.gguf_convert import (
-    _byte_alphabet,
     cast_for_output,
     convert_gguf,
     float32_to_bfloat16_bits,
@@ -164,9 +163,8 @@ def write_gguf(
     writer.add_pad_token_id(TOKENS.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
     writer.add_chat_template(TEMPLATE)
-    for name, array in [*gguf_tensors(model, arch, tied), *extra_tensors]:
-        if name in drop:
-            continue
+    tensors = [(name, array) for name, array in gguf_tensors(model, arch, tied) if name not in drop]
+    for name, array in [*tensors, *extra_tensors]:  # an extra tensor may replace a dropped one
         qtype = (types or {}).get(name, Q.F32)
         if qtype == Q.F32:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
@@ -453,10 +451,6 @@ def tiny_tokenizers(tmp_path_factory):
     return Tokenizer.from_file(str(out / "tokenizer.json")), hf_gguf, AutoTokenizer.from_pretrained(out), out
 
 
-def test_byte_alphabet_is_gpt2s():
-    assert _byte_alphabet() == hf_bytes_to_unicode()
-
-
 def test_tokenizer_files_carry_hf_special_tokens(tiny_tokenizers):
     ours, hf_gguf, hf_dir, out = tiny_tokenizers
 
@@ -525,8 +519,13 @@ def test_unsupported_tensor_type_is_a_weights_error(tmp_path):
             (("blk.0.rope_freqs.weight", np.ones(8, np.float32)),),
             r"'blk.0.rope_freqs.weight' has no Hugging",
         ),
+        (  # the shapes, too, must be those the metadata's config gives (checkpoint.checkpoint_tensors)
+            ("blk.1.attn_v.bias",),
+            (("blk.1.attn_v.bias", np.ones(3, np.float32)),),
+            r"'model.layers.1.self_attn.v_proj.bias' would have shape \[3\], but the metadata .* gives \[\d+\]",
+        ),
     ],
-    ids=["missing", "unknown"],
+    ids=["missing", "unknown", "wrong-shape"],
 )
 def test_incomplete_or_foreign_tensors_are_refused(tmp_path, drop, extra, message):
     path = write_gguf(tmp_path / "bad.gguf", random_hf_model(DENSE, seed=9), drop=drop, extra_tensors=extra)

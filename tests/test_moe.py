@@ -45,7 +45,7 @@ IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
 @st.composite
 def moe_dicts(draw, norm_topk_prob=None, all_experts=False, aligned=False):
-    """A tiny Qwen2-MoE config dict: C, I, F pairwise different, C odd unless ``aligned``.
+    """A tiny Qwen2-MoE config dict: C, I, J pairwise different, C odd unless ``aligned``.
 
     ``aligned``: C and I multiples of 4, for HF's ``grouped_mm`` kernel, which on CPU
     (torch 2.13) raises "strides should be multiple of 16 bytes" otherwise.
@@ -58,7 +58,7 @@ def moe_dicts(draw, norm_topk_prob=None, all_experts=False, aligned=False):
         I = draw(st.integers(3, 29).filter(lambda i: i != C))
     E = draw(st.integers(1, 9))
     k = E if all_experts else draw(st.integers(1, E))
-    F = draw(st.integers(3, 31).filter(lambda f: f not in (C, I)))
+    J = draw(st.integers(3, 31).filter(lambda j: j not in (C, I)))  # the shared-expert width
     norm = draw(st.booleans()) if norm_topk_prob is None else norm_topk_prob
     return dict(
         model_type="qwen2_moe",
@@ -72,7 +72,7 @@ def moe_dicts(draw, norm_topk_prob=None, all_experts=False, aligned=False):
         num_experts=E,
         num_experts_per_tok=k,
         moe_intermediate_size=I,
-        shared_expert_intermediate_size=F,
+        shared_expert_intermediate_size=J,
         norm_topk_prob=norm,
     )
 
@@ -376,5 +376,5 @@ def test_bad_weights_name_the_tensor():
     config = Qwen2Config.from_dict(d)
     with pytest.raises(WeightsError, match="experts.down_proj"):
         SparseMoeBlock(config, {k: v for k, v in weights.items() if k != "experts.down_proj"})
-    with pytest.raises(WeightsError, match=r"'gate.weight' has shape \(13, 3\), expected \(3, 13\)"):
+    with pytest.raises(WeightsError, match=r"'gate.weight' is float32 \(13, 3\), expected shape \(3, 13\)"):
         SparseMoeBlock(config, {**weights, "gate.weight": weights["gate.weight"].T})

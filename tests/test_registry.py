@@ -3,7 +3,9 @@
 Parameter counts are integers, so every comparison here is exact (no tolerance): our
 counts against HF's ``num_parameters()`` and against the tensors HF's own
 ``save_pretrained`` writes; our memory figures against the bytes MLX's ``mx.quantize``
-actually allocates.
+actually allocates, and against the arrays of a model quantized by ``quantize_mlx.to_mlx``;
+``minqwen2 models`` against ``minqwen2 bench`` (one byte rule); our counts against the
+figures Qwen published.
 
     pytest tests/test_registry.py
 """
@@ -27,20 +29,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+from minqwen2.checkpoint import is_quantizable
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import ModelNotFoundError
-from minqwen2.paths import DEFAULT_MODEL
-from minqwen2.registry import (
-    REGISTRY,
-    checkpoint_tensors,
-    count_parameters,
-    find_model,
-    format_count,
-    resolve_model,
-    summary_row,
-    weight_bytes,
-)
+from minqwen2.paths import DEFAULT_MODEL, resolve_model
+from minqwen2.registry import REGISTRY, checkpoint_tensors, count_parameters, find_model, weight_bytes
+from minqwen2.tools import bench
 from minqwen2.tools.cli import main
+from minqwen2.tools.models import COLUMNS, format_count, summary_row
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -148,6 +144,8 @@ def test_registry_counts_match_hf_num_parameters(entry):
     assert count.total == model.num_parameters()
     # HF's exclude_embeddings drops the nn.Embedding table only; an untied lm_head stays.
     assert count.non_embedding == model.num_parameters(exclude_embeddings=True)
+    head = 0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
+    assert count.lm_head == head  # Qwen's non-embedding count drops this too
     if entry.config["model_type"] == "qwen2_moe":
         c = entry.qwen2_config()
         assert count.active == hf_active_parameters(model, c.num_experts, c.num_experts_per_tok)
@@ -223,24 +221,62 @@ def test_tiny_test_configs_match_hf_save(tmp_path):
 def test_weight_bytes_equal_mlx_allocations(d):
     """Bytes per dtype, and after ``mx.quantize(group_size=64)``, tensor by tensor.
 
-    Exact: MLX packs b-bit integers into uint32 words and keeps one bfloat16 scale and bias
-    per 64 weights, so a quantized matrix of n weights takes n·b/8 + n/16 bytes.
+    Exact: MLX packs b-bit integers into uint32 words and keeps one scale and bias (in the
+    weights' dtype) per 64 weights, so a quantized bfloat16 matrix of n weights takes
+    n·b/8 + n/16 bytes. Which tensors are quantized is the model's rule, ``is_quantizable``.
     """
     config = Qwen2Config.from_dict(d)
     allocated = {"float32": 0, "bfloat16": 0, 4: 0, 8: 0}
-    for shape in checkpoint_tensors(config).values():
+    for name, shape in checkpoint_tensors(config).items():
         allocated["float32"] += mx.zeros(shape, dtype=mx.float32).nbytes
         w = mx.zeros(shape, dtype=mx.bfloat16)
         allocated["bfloat16"] += w.nbytes
         for bits in (4, 8):
-            if len(shape) == 2 and shape[-1] % 64 == 0:
+            if is_quantizable(name, shape):
                 allocated[bits] += sum(a.nbytes for a in mx.quantize(w, group_size=64, bits=bits))
             else:
-                allocated[bits] += w.nbytes  # MLX cannot quantize it: it stays bfloat16
+                allocated[bits] += w.nbytes  # not quantized (or MLX cannot): it stays bfloat16
     assert weight_bytes(config, "float32") == allocated["float32"]
     assert weight_bytes(config, "bfloat16") == allocated["bfloat16"]
     assert weight_bytes(config, "bfloat16", bits=4) == allocated[4]
     assert weight_bytes(config, "bfloat16", bits=8) == allocated[8]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_weight_bytes_equal_the_quantized_models_arrays(tmp_path, kind, tied, dtype, bits):
+    """An independent check of the byte rule: load a tiny checkpoint as the MLX model does
+    (``load_weights``, then ``quantize_mlx.to_mlx``) and add up the real arrays' ``nbytes``.
+
+    Widths are multiples of 64 where MLX can quantize and not elsewhere (the dense layer's
+    down projection), and the MoE model has a router and a shared-expert gate, so every
+    case of the rule is in the sum.
+    """
+    from helpers import random_hf_model, save_hf_checkpoint
+
+    from minqwen2.linear_mlx import QuantizedWeight
+    from minqwen2.quantize_mlx import to_mlx
+    from minqwen2.weights import load_weights
+
+    d = dict(
+        model_type="qwen2", vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
+    )  # fmt: skip
+    if kind == "moe":
+        d.update(
+            model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            shared_expert_intermediate_size=128, mlp_only_layers=[1],
+        )  # fmt: skip
+    save_hf_checkpoint(random_hf_model(d), tmp_path)
+    config = Qwen2Config.from_file(tmp_path)
+    model_weights = to_mlx(load_weights(tmp_path, config), getattr(mx, dtype), bits=bits)
+    unique = {id(w): w for w in model_weights.values()}  # a tied head is the embedding itself
+    assert any(isinstance(w, QuantizedWeight) for w in unique.values())
+    assert sum(w.nbytes for w in unique.values()) == weight_bytes(config, dtype, bits)
+    unquantized = {id(w): w for w in to_mlx(load_weights(tmp_path, config), getattr(mx, dtype)).values()}
+    assert sum(w.nbytes for w in unquantized.values()) == weight_bytes(config, dtype)
 
 
 def test_mlx_refuses_matrices_whose_input_is_not_a_multiple_of_64():
@@ -251,20 +287,118 @@ def test_mlx_refuses_matrices_whose_input_is_not_a_multiple_of_64():
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
 def test_registry_memory_arithmetic(entry):
-    """Real sizes: every matrix quantizes (all widths are multiples of 64), so 4-bit is
-    exactly 4.5 bits per matrix weight and bfloat16 for the vectors."""
+    """Real sizes: every projection, expert, embedding and head quantizes (all widths are
+    multiples of 64), so 4-bit is exactly 4.5 bits per such weight and bfloat16 for the
+    rest: vectors, and the MoE router and shared-expert gate."""
     config = entry.qwen2_config()
     tensors = checkpoint_tensors(config)
-    matrices = sum(math.prod(s) for s in tensors.values() if len(s) == 2)
-    vectors = sum(math.prod(s) for s in tensors.values() if len(s) == 1)
+    quantized = sum(math.prod(s) for n, s in tensors.items() if is_quantizable(n, s))
+    kept = sum(math.prod(s) for n, s in tensors.items() if not is_quantizable(n, s))
     assert all(s[-1] % 64 == 0 for s in tensors.values() if len(s) == 2)
+    assert all(len(s) == 1 or n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+               for n, s in tensors.items() if not is_quantizable(n, s))  # fmt: skip
     total = count_parameters(config).total
     assert weight_bytes(config, "float32") == 4 * total
     assert weight_bytes(config, "bfloat16") == 2 * total
     # 4-bit: 4 bits + 32 bits of scale and bias per 64 weights = 4.5 bits = 9/16 byte.
-    assert 16 * weight_bytes(config, "bfloat16", bits=4) == 9 * matrices + 16 * 2 * vectors
+    assert 16 * weight_bytes(config, "bfloat16", bits=4) == 9 * quantized + 16 * 2 * kept
     # 8-bit: 8.5 bits = 17/16 byte.
-    assert 16 * weight_bytes(config, "bfloat16", bits=8) == 17 * matrices + 16 * 2 * vectors
+    assert 16 * weight_bytes(config, "bfloat16", bits=8) == 17 * quantized + 16 * 2 * kept
+
+
+def _reading_every_weight(d: dict) -> dict:
+    """The config with every routed expert used by every token (k = E)."""
+    return {**d, "num_experts_per_tok": d["num_experts"]} if d.get("model_type") == "qwen2_moe" else dict(d)
+
+
+def _check_models_and_bench_agree(d: dict) -> None:
+    """``minqwen2 models`` (weight_bytes) and ``minqwen2 bench`` (bytes per token) use one rule.
+
+    A token reads every weight but the embedding table, of which it gathers one row; a tied
+    head *is* that table, read whole. So with every expert in use (k = E) the bytes one
+    token reads equal the bytes of the same model with its head tied — in every format.
+    Before the rule was one, ``models`` quantized the router and shared-expert gate and
+    ``bench`` did not, and no MoE model passed this.
+    """
+    untied = Qwen2Config.from_dict({**_reading_every_weight(d), "tie_word_embeddings": False})
+    tied = Qwen2Config.from_dict({**_reading_every_weight(d), "tie_word_embeddings": True})
+    formats = (("float32", None), ("bfloat16", None), ("bfloat16", 4), ("bfloat16", 8), ("float32", 4))
+    for dtype, bits in formats:
+        expected = weight_bytes(tied, dtype, bits)
+        assert bench.weight_bytes_per_token(untied, dtype, bits) == expected, (dtype, bits)
+        assert bench.weight_bytes_per_token(tied, dtype, bits) == expected, (dtype, bits)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
+def test_models_and_bench_agree_on_the_published_configs(entry):
+    _check_models_and_bench_agree(dict(entry.config))
+
+
+@given(d=tiny_configs())
+def test_models_and_bench_agree_on_tiny_configs(d):
+    _check_models_and_bench_agree(d)
+
+
+# ------------------------------------------------------ the figures Qwen published
+
+#: Qwen's Qwen2 release table (qwenlm.github.io/blog/qwen2): parameters and non-embedding
+#: parameters (without the embedding and an untied lm_head), billions, two decimals.
+PUBLISHED = {
+    "qwen2-0.5b": (0.49, 0.35),
+    "qwen2-1.5b": (1.54, 1.31),
+    "qwen2-7b": (7.07, 5.98),
+    "qwen2-57b-a14b": (57.41, 56.32),
+    "qwen2-72b": (72.71, 70.21),
+}
+
+
+def billions(n: int) -> float:
+    """As the table prints a count: billions, rounded to two decimals (57.409B is 57.41)."""
+    return round(n / 1e9, 2)
+
+
+@pytest.mark.parametrize("name", ["qwen2-1.5b", "qwen2-57b-a14b", "qwen2-72b"])
+def test_published_counts_follow_from_the_configs(name):
+    count = count_parameters(find_model(name).qwen2_config())
+    assert (billions(count.total), billions(count.non_embedding_qwen)) == PUBLISHED[name]
+
+
+def test_published_count_of_qwen2_0_5b_is_one_rounding_slip():
+    """The total rounds right; the non-embedding count is 0.358B, which rounds to 0.36, not 0.35."""
+    count = count_parameters(find_model("qwen2-0.5b").qwen2_config())
+    assert billions(count.total) == PUBLISHED["qwen2-0.5b"][0]
+    assert count.non_embedding_qwen == 357_898_112
+    assert billions(count.non_embedding_qwen) == 0.36 == PUBLISHED["qwen2-0.5b"][1] + 0.01
+
+
+def test_published_counts_of_qwen2_7b_do_not_follow_from_its_config():
+    """Both figures of the 7B row are one V·C matrix (0.545B) below what its config gives.
+
+    The config gives 7.62B and 6.53B (HF's ``num_parameters()`` agrees on the total: see
+    ``test_registry_counts_match_hf_num_parameters``). Qwen's 7.07B is HF's non-embedding
+    count, and 5.98B is the decoder layers minus one more V·C: no count of this config
+    gives both.
+    """
+    config = find_model("qwen2-7b").qwen2_config()
+    count = count_parameters(config)
+    vc = config.vocab_size * config.hidden_size
+    assert (billions(count.total), billions(count.non_embedding_qwen)) == (7.62, 6.53)
+    assert (billions(count.total - vc), billions(count.non_embedding_qwen - vc)) == PUBLISHED["qwen2-7b"]
+
+
+def test_models_command_shows_the_published_definition(weights, capsys):
+    """The ``non-emb. Qwen`` column prints what the release table prints, row by row."""
+    assert main(["models"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    column = [key for _, key in COLUMNS].index("non-embedding-qwen")  # rows[name][0] is the type
+    for name, (_, non_embedding) in PUBLISHED.items():
+        ours = float(rows[name][column])
+        if name == "qwen2-7b":
+            assert ours == 6.53 != non_embedding
+        elif name == "qwen2-0.5b":
+            assert ours == 0.36 and non_embedding == 0.35
+        else:
+            assert ours == non_embedding
 
 
 # --------------------------------------------------------------------- the registry
@@ -281,7 +415,7 @@ def test_registry_holds_the_qwen2_family_and_the_default_model():
         assert entry.name == entry.repo_id.split("/")[1].lower()
         assert entry.confidence in ("confirmed", "copies", "local")
         if entry.name.startswith("qwen2-") and entry.name.endswith("-instruct"):
-            # Instruct releases: 32K context and <|im_end|> as end of turn (reference §15).
+            # Instruct releases: 32K context and <|im_end|> as end of turn (docs/hf-semantics.md §15).
             base = find_model(entry.repo_id.removesuffix("-Instruct")).config
             assert entry.config["max_position_embeddings"] == 32768 != base["max_position_embeddings"]
             assert (entry.config["eos_token_id"], base["eos_token_id"]) == (151645, 151643)
@@ -362,6 +496,16 @@ def test_resolve_other_downloaded_models_by_repo_id(weights):
 # ------------------------------------------------------------------- the CLI
 
 
+def test_the_old_import_names_still_work():
+    """``tools/cli.py`` and older code import these from the registry (they moved)."""
+    from minqwen2 import paths, registry
+    from minqwen2.tools import models
+
+    assert registry.print_models_table is models.print_models_table
+    assert registry.print_info is models.print_info
+    assert registry.resolve_model is paths.resolve_model
+
+
 def test_models_command_prints_every_model_with_its_numbers(weights, capsys):
     install_fake(weights, "qwen2-7b-instruct", find_model("qwen2-7b-instruct").config)
     install_fake(weights, DEFAULT_MODEL, find_model(DEFAULT_MODEL).config)
@@ -371,7 +515,7 @@ def test_models_command_prints_every_model_with_its_numbers(weights, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out)
-    columns = ("type", "params", "non-embedding", "active", "float32", "bfloat16", "4-bit", "context")
+    columns = [key for _, key in COLUMNS]
     for entry in REGISTRY:
         label = entry.name + (" *" if entry.is_default else "")
         row = summary_row(entry.qwen2_config())
@@ -393,6 +537,7 @@ def test_info_command_for_a_registry_name(weights, capsys):
     for text in (
         f"{count.total:,}",
         f"{count.non_embedding:,}",
+        f"{count.non_embedding_qwen:,}",
         f"{count.active:,}",
         "28 / 4 / 128",
         "7 query heads per KV head",
@@ -433,7 +578,7 @@ def test_python_dash_m_minqwen2_models(weights):
     for entry in REGISTRY:
         label = entry.name + (" *" if entry.is_default else "")
         assert rows[label][1] == format_count(count_parameters(entry.qwen2_config()).total)
-    assert re.search(r"14\.2B", rows["qwen2-57b-a14b"][3])
+    assert re.search(r"14\.2B", rows["qwen2-57b-a14b"][[key for _, key in COLUMNS].index("active")])
 
 
 # ------------------------------------------------------------- the real default model

@@ -69,6 +69,33 @@ def test_moe_checkpoint_equals_hf(tmp_path, dtype):
     assert_same_as_hf(ours, hf_reload(tmp_path))
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_stacked_experts_on_disk_load_like_per_expert_ones(tmp_path, mmap):
+    """A checkpoint that stores each sparse layer's experts as HF 5 holds them in memory
+    (``experts.gate_up_proj`` / ``down_proj``) loads to the same arrays as the Hub's one
+    tensor per expert; a stacked tensor of the wrong shape is named."""
+    from safetensors.numpy import save_file
+
+    model = random_hf_model(TINY_MOE, seed=3)
+    save_hf_checkpoint(model, tmp_path / "per-expert")
+    config, expected = load_dir(tmp_path / "per-expert")
+    stacked = tmp_path / "stacked"
+    stacked.mkdir()
+    (stacked / "config.json").write_text((tmp_path / "per-expert" / "config.json").read_text())
+    save_file(hf_state_dict(model), stacked / "model.safetensors")  # the in-memory (fused) names
+    assert "model.layers.0.mlp.experts.gate_up_proj" in W.find_tensors(stacked)
+    ours = W.load_weights(stacked, config, mmap=mmap)
+    assert set(ours) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(ours[name], expected[name], err_msg=name)
+
+    tensors = hf_state_dict(model)
+    down = "model.layers.2.mlp.experts.down_proj"
+    tensors[down] = tensors[down][:, :, :12].copy()  # (E, C, I - 1)
+    save_file(tensors, stacked / "model.safetensors")
+    expect_error(stacked, "'model.layers.2.mlp.experts.down_proj'", "[7, 40, 12]", "expected [7, 40, 13]")
+
+
 def test_published_style_config(tmp_path):
     """A transformers-4 config.json (top-level rope_theta, rope_scaling with "type") loads the same."""
     model = random_hf_model(TINY_DENSE, seed=4)

@@ -25,23 +25,24 @@ CHECK = (
 
 
 def count_parameters(config: Qwen2Config) -> ParameterCount:
-    """``ParameterCount(total=..., embedding=..., active=...)`` for a config.
+    """``ParameterCount(total=..., embedding=..., active=..., lm_head=...)`` for a config.
 
     What you have (all on ``config``): ``vocab_size`` V, ``hidden_size`` C,
     ``num_attention_heads`` H, ``num_key_value_heads`` K, ``head_dim`` D,
     ``intermediate_size`` F, ``num_hidden_layers``, ``tie_word_embeddings``, ``qkv_bias``;
     for MoE: ``is_moe_layer(i)``, ``num_experts`` E, ``num_experts_per_tok`` k,
-    ``moe_intermediate_size`` Fe, ``shared_expert_intermediate_size`` Fs.
+    ``moe_intermediate_size`` I, ``shared_expert_intermediate_size`` J.
 
     Per decoder layer::
 
         attention  q: C·HD + HD    k, v: C·KD + KD each    o: HD·C    (biases only if qkv_bias)
         norms      2·C
         dense MLP  3·C·F                                    (a layer where not is_moe_layer(i))
-        MoE block  E·C (router) + E·3·C·Fe (experts) + 3·C·Fs + C (shared expert and its gate)
+        MoE block  E·C (router) + E·3·C·I (experts) + 3·C·J + C (shared expert and its gate)
 
     plus V·C (embedding), C (final norm), and V·C for ``lm_head`` unless it is tied.
     ``active``: the total minus the (E - k) routed experts each token skips in every MoE layer.
+    ``lm_head``: the V·C of an untied output head, 0 when it is tied.
     """
     # Hint: sum the per-layer counts in a loop over range(config.num_hidden_layers); the
     # only per-layer difference is is_moe_layer(i). For a dense model, active == total.

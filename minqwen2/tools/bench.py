@@ -111,9 +111,11 @@ weight bytes per decoded token (:func:`weight_bytes_per_token`)
     Every tensor of every decoder layer, the final norm, and ``lm_head`` — not the
     embedding table, of which a token reads one row. A tied ``lm_head`` *is* the
     embedding, read once per token. For MoE layers, only the ``k`` routed experts a token
-    uses. Unquantized: elements × 2 or 4 bytes. Quantized (the MLX rule,
-    ``quantize_mlx.is_quantizable``): ``n·bits/8`` packed bytes plus a scale and a bias
-    per group of 64 weights. The tensor list is ``registry.checkpoint_tensors(config)``.
+    uses. The tensor list is ``checkpoint.checkpoint_tensors(config)`` and each tensor's
+    bytes are ``checkpoint.tensor_bytes`` (the rule ``minqwen2 models`` uses too):
+    unquantized, elements × 2 or 4 bytes; quantized (the tensors
+    ``checkpoint.is_quantizable`` picks), ``n·bits/8`` packed bytes plus a scale and a
+    bias per group of 64 weights.
     llama.cpp: the GGUF's own tensor sizes, without ``token_embd``. The KV cache read per
     token is not counted (at 512 tokens it is ~1% of the weights for the 0.5B model).
 prefill FLOPs per token (:func:`prefill_flops_per_token`), for a prompt of ``T`` tokens::
@@ -143,7 +145,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -156,10 +157,10 @@ from typing import Any
 
 import numpy as np
 
+from minqwen2.checkpoint import GROUP_SIZE, checkpoint_tensors, total_bytes
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
 from minqwen2.paths import REPO_ROOT
-from minqwen2.registry import QUANT_GROUP_SIZE, checkpoint_tensors
 
 
 class BenchError(MinQwen2Error, ValueError):
@@ -191,7 +192,7 @@ class EngineSpec:
             return "GGUF"  # replaced by the file's tensor types when the engine runs
         if self.bits is None:
             return self.dtype
-        return f"{self.bits}-bit g{QUANT_GROUP_SIZE} ({self.dtype} scales)"
+        return f"{self.bits}-bit g{GROUP_SIZE} ({self.dtype} scales)"
 
 
 def _mlx_pair(fmt: str, dtype: str, bits: int | None) -> tuple[EngineSpec, EngineSpec]:
@@ -232,20 +233,16 @@ def find_engine(name: str) -> EngineSpec:
 # 2. What the weights cost: bytes per decoded token, FLOPs per prefilled token
 # =====================================================================================
 
-_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")  # model.layers.{i}.mlp.experts.{e}.gate_proj.weight
-
-
 def _tensors_one_token_reads(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
     """The checkpoint's tensors a decoded token reads whole: all but the embedding table
-    (unless tied: then it is the ``lm_head``) and the ``E - k`` routed experts it skips."""
+    (unless tied: then it is the ``lm_head``), and of each layer's ``E`` stacked routed
+    experts only the ``k`` it uses (every expert has the same size)."""
     tensors = {}
-    for name, shape in checkpoint_tensors(config).items():
+    for name, shape in checkpoint_tensors(config, fused_experts=True).items():
         if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
             continue  # only gathered: one row per token
-        expert = _EXPERT.search(name)
-        if expert and int(expert.group(1)) >= config.num_experts_per_tok:
-            continue  # every expert has the same size: count k of them
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            shape = (config.num_experts_per_tok, *shape[1:])  # (k, ...) of the (E, ...) stack
         tensors[name] = shape
     return tensors
 
@@ -255,20 +252,10 @@ def weight_bytes_per_token(config: Qwen2Config, dtype: str = "float32", bits: in
 
     Module docstring, "Per engine": every layer, the final norm and ``lm_head``, not the
     embedding (a tied ``lm_head`` counts once); for MoE, ``k`` routed experts per layer.
+    The bytes of each tensor are ``checkpoint.tensor_bytes``, the rule ``minqwen2 models``
+    uses too.
     """
-    if dtype not in _ELEMENT_BYTES:
-        raise BenchError(f"dtype {dtype!r} is not supported; expected one of {sorted(_ELEMENT_BYTES)}")
-    elem = _ELEMENT_BYTES[dtype]
-    if bits is not None:
-        from minqwen2.quantize_mlx import is_quantizable  # the MLX model's own rule
-    total = 0
-    for name, shape in _tensors_one_token_reads(config).items():
-        n = math.prod(shape)
-        if bits is not None and is_quantizable(name, shape):
-            total += n * bits // 8 + (n // QUANT_GROUP_SIZE) * 2 * elem  # packed + scale + bias
-        else:
-            total += n * elem
-    return total
+    return total_bytes(_tensors_one_token_reads(config), dtype, bits)
 
 
 def prefill_flops_per_token(config: Qwen2Config, prompt_tokens: int) -> float:
@@ -277,7 +264,7 @@ def prefill_flops_per_token(config: Qwen2Config, prompt_tokens: int) -> float:
     layer_matrices = sum(
         math.prod(shape)
         for name, shape in _tensors_one_token_reads(config).items()
-        if name.startswith("model.layers.") and len(shape) == 2
+        if name.startswith("model.layers.") and len(shape) >= 2  # matrices, and stacks of them
     )
     L, H, D = config.num_hidden_layers, config.num_attention_heads, config.head_dim
     attention = 2 * L * H * D * (T + 1)  # QKᵀ and PV over the causal triangle, per token
@@ -541,7 +528,7 @@ class MLXLMRunner:
         self.model, mlx_config = load_model(path, model_config={"rope_theta": config.rope_theta})
         self.model.set_dtype(getattr(mx, dtype))
         if bits is not None:
-            self.model, _ = quantize_model(self.model, mlx_config, group_size=QUANT_GROUP_SIZE, bits=bits)
+            self.model, _ = quantize_model(self.model, mlx_config, group_size=GROUP_SIZE, bits=bits)
         mx.eval(self.model.parameters())
         self.mx, self.make_cache = mx, make_prompt_cache
         self.version = f"mlx-lm {mlx_lm.__version__} (MLX {mx.__version__})"
@@ -1287,7 +1274,7 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Validate ``minqwen2 bench``'s flags before anything is loaded; errors name the flag."""
-    from minqwen2.registry import resolve_model
+    from minqwen2.paths import resolve_model
 
     quick = args.quick
     prompt = args.prompt_tokens if args.prompt_tokens is not None else (32 if quick else 512)

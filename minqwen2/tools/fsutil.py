@@ -62,15 +62,37 @@ def status(enabled: bool, message: str) -> Iterator[None]:
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr; yields ``advance(label)``, called once per finished item."""
+def progress_bar(
+    enabled: bool, total: int, description: str, *, unit: str = "items"
+) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields ``advance(label="", amount=1)``.
+
+    ``unit="items"`` counts finished items (``3/24``) and shows the last one's ``label``;
+    ``unit="bytes"`` counts bytes (``1.2/3.4 GB``) and shows the speed: call
+    ``advance(amount=len(chunk))``.
+    """
     if not enabled:
-        yield lambda label: None
+        yield lambda label="", amount=1: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if unit == "bytes":
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, TextColumn("[dim]{task.fields[label]}"), console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total, label="")
-        yield lambda label: bar.update(task, advance=1, label=label)
+
+        def advance(label: str = "", amount: int = 1) -> None:
+            bar.update(task, advance=amount, label=label)
+
+        yield advance

