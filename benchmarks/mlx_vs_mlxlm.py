@@ -53,7 +53,8 @@ them to bfloat16.
 Ratios 0.93-1.24x, scattered both ways: a tie within this machine's noise (a first run,
 before this issue's changes, at 64 + 16 tokens under load ~5, gave 1.00 / 1.05 in float32
 and 1.18 / 1.02 in bfloat16). The two models run the same kernels, and the kernels are
-the whole story here (``benchmarks/`` profiling, recorded in ``model_mlx.py``'s docstring):
+the whole story here (``benchmarks/`` profiling; lesson 11 keeps the figures of what was
+tried and not kept):
 
 * every product runs single-threaded at ~1 GFLOP/s, whatever the format — the Linux wheel
   links the *reference* BLAS for float32 (0.9-1.5 GFLOP/s measured on the model's shapes,
@@ -91,11 +92,11 @@ import mlx.core as mx
 import numpy as np
 
 from minqwen2.paths import REPO_ROOT, default_model_dir
+from minqwen2.quantize_mlx import DTYPES  # the MLX backend's dtypes by name
 
 TEXT = REPO_ROOT / "tests" / "data" / "perplexity.md"  # English Markdown, fixed
 FORMATS = ("float32", "bfloat16", "8bit", "4bit")
 OWN_LOOP_PROMPT = 8  # prompt ids for the own-loop decode figure (see measure)
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def prompt_ids(model_dir: Path, n: int) -> np.ndarray:

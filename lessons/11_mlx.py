@@ -40,10 +40,12 @@ from transformers.models.qwen2 import modeling_qwen2 as hf_qwen2
 
 from minqwen2 import mlp_mlx, rmsnorm_mlx, rope_mlx
 from minqwen2.attention import causal_mask, grouped_query_attention
+from minqwen2.checkpoint import GROUP_SIZE
 from minqwen2.config import Qwen2Config
+from minqwen2.linear_mlx import Weight, linear
 from minqwen2.mlp import MLP, silu
 from minqwen2.paths import default_model_dir
-from minqwen2.quantize_mlx import GROUP_SIZE, Weight, linear, quantize_weight
+from minqwen2.quantize_mlx import quantize_weight
 from minqwen2.registry import weight_bytes
 from minqwen2.rmsnorm import rms_norm
 from minqwen2.rope import RotaryEmbedding, rotate_half
@@ -143,9 +145,27 @@ assert abs(c.item() - 512) < 1e-2 and built < evaluated
 # %% [markdown]
 # The MLX model is lazy the same way: `model(ids)` returns a lazy array of logits, and
 # reading it (`np.asarray(logits)` in `minqwen2/generate.py`) runs the graph of all 24
-# layers in one go. Loading uses the opposite habit: `quantize_mlx.quantize_weights` calls
-# `mx.eval` on each matrix as it is quantized, so the float32 original can be freed before
-# the next one is read.
+# layers in one go. Loading uses the opposite habit: `quantize_mlx.to_mlx` calls `mx.eval`
+# on each matrix as it is converted (and quantized), so the float32 original can be freed
+# before the next one is read. Measured on the default model's float32 load, peak memory:
+# 4.74 GiB with the checkpoint memory-mapped, 2.92 GiB reading one tensor at a time in the
+# file's order, 2.38 GiB largest tensor first (what `weights.load_weights` hands MLX).
+#
+# **What was measured and not kept.** On this machine's Linux CPU backend (MLX 0.32.4, the
+# 0.5B model, 2 shared cores) every matrix product runs on a single-threaded kernel at
+# about 1 GFLOP/s whatever the weight format, and the products are 85–95% of a decode
+# step: decode is compute-bound here, far from the memory-bandwidth ceiling. So the graph
+# work that laziness allows buys little on this CPU: `mx.compile` of a decode step's
+# static-shape parts (norm + q/k/v + RoPE with the offset as an array, and o_proj + MLP)
+# changed nothing measurable (24 layers, float32, interleaved runs: 49.0 → 45.4 ms and
+# 514 → 524 ms), nor did compiling `mlp_mlx.swiglu` (1.26 vs 1.30 tok/s in bfloat16, 1.26
+# vs 1.28 in float32): the elementwise work is already in fused kernels, and building a
+# step's graph in Python (~600 operations) takes 2–10 ms of a 0.5–1 s step. Compiling the
+# whole step would also need a cache of static shape (attention over the whole capacity,
+# with a mask) for a gain within noise, so the step is not compiled; the graph building is
+# hidden instead, behind the previous step's compute, by `Qwen2Model.greedy_tokens` in
+# `minqwen2/model_mlx.py`. On Apple silicon, where a step takes milliseconds, both the
+# building and the kernel launches matter more (`benchmarks/mlx_vs_mlxlm.py` measures it).
 #
 # ## The formula
 #
@@ -168,9 +188,13 @@ assert abs(c.item() - 512) < 1e-2 and built < evaluated
 #
 # **Read:** `minqwen2/rmsnorm_mlx.py`, `minqwen2/rope_mlx.py` (its table maps every
 # argument of `mx.fast.rope` onto the NumPy code), `minqwen2/attention_mlx.py`,
-# `minqwen2/mlp_mlx.py`, then `minqwen2/quantize_mlx.py` for the quantized weights. Each
+# `minqwen2/mlp_mlx.py`, then `minqwen2/linear_mlx.py` (every product, float or quantized)
+# and `minqwen2/quantize_mlx.py` (how the quantized weights are made and stored). Each
 # twin's docstring says which NumPy lines it replaces; the tests that hold them to HF are
-# in `tests/test_mlx_components.py`.
+# in `tests/test_mlx_components.py`. The MLX model records the NumPy model's stages
+# (`trace=`), so when a twin goes wrong, `python -m minqwen2.debug --backend mlx --prompt
+# "def fib(n):"` names the first stage where MLX leaves NumPy (and HF), as lesson 06's
+# debugger does for the NumPy model.
 #
 # Each kernel below runs on the same float32 inputs as its NumPy sibling and HF's code.
 #
@@ -461,7 +485,7 @@ big_np, vec_np = np.array(big), np.array(vec)
 
 
 def matvec(x: mx.array, w: Weight):
-    """One product through quantize_mlx.linear (what every MLX projection calls), evaluated."""
+    """One product through linear_mlx.linear (what every MLX projection calls), evaluated."""
     return lambda: mx.eval(linear(x, w))  # (1, O)
 
 
@@ -593,10 +617,10 @@ save_figure(fig, "11_speed")
 # half a step, and the tests allow one. A group of equal weights has `max = min`: give it a
 # scale that is not zero. Pack with shifts: `q[..., i] << (bits · i)`, OR-ed together.
 #
-# **Check** (the tests of `minqwen2/quantize_mlx.py` in `tests/test_mlx_components.py`: the
-# quantized product equals the product with the dequantized matrix, the error stays
-# within a step, fusing quantized rows equals quantizing the fused matrix, the quantized
-# embedding and the expert products):
+# **Check** (the tests of `minqwen2/quantize_mlx.py` and `minqwen2/linear_mlx.py` in
+# `tests/test_mlx_components.py`: the quantized product equals the product with the
+# dequantized matrix, the error stays within a step, fusing quantized rows equals
+# quantizing the fused matrix, the quantized embedding and the expert products):
 #
 # ```
 # pytest tests/test_mlx_components.py -k "quantized or gather_linear" --exercise lessons/exercises/11_quantize.py

@@ -5,7 +5,7 @@ RoPE before the cache, GQA, a mask aligned to the end of the cache, float32 soft
 ``o_proj`` without bias). What the fast path changes, step by step:
 
 1. **Projections**: one fused ``qkv`` product as in NumPy, through
-   :func:`~minqwen2.quantize_mlx.linear` (float or quantized weights).
+   :func:`~minqwen2.linear_mlx.linear` (float or quantized weights).
 2. **RoPE**: ``mx.fast.rope`` with HF's own frequency table (``rope_mlx.py``).
 3. **Cache**: ``kv_cache_mlx.py``, the same bookkeeping as the NumPy cache.
 4. **Attention**: ``mx.fast.scaled_dot_product_attention(q, k, v, scale, mask)`` replaces
@@ -36,10 +36,10 @@ from collections.abc import Mapping
 import mlx.core as mx
 
 from minqwen2.attention import causal_mask
+from minqwen2.checkpoint import attention_tensors, check_tensors
 from minqwen2.config import Qwen2Config
-from minqwen2.errors import WeightsError
 from minqwen2.kv_cache_mlx import LayerKVCache
-from minqwen2.quantize_mlx import Weight, concat_rows, linear
+from minqwen2.linear_mlx import Weight, concat_rows, linear
 from minqwen2.rope_mlx import RotaryEmbedding
 
 
@@ -70,27 +70,14 @@ class Attention:
 
     def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
         self.layer_idx = layer_idx
-        self.num_heads = H = config.num_attention_heads
-        self.num_kv_heads = K = config.num_key_value_heads
-        self.head_dim = D = config.head_dim
-        self.hidden_size = C = config.hidden_size
+        self.num_heads = config.num_attention_heads  # H
+        self.num_kv_heads = config.num_key_value_heads  # K
+        self.head_dim = config.head_dim  # D
+        self.hidden_size = config.hidden_size  # C
         self.window = config.window_for_layer(layer_idx)  # W, or None for full causal attention
-        self.scaling = D**-0.5
-
-        shapes = {
-            "q_proj.weight": (H * D, C),
-            "k_proj.weight": (K * D, C),
-            "v_proj.weight": (K * D, C),
-            "o_proj.weight": (C, H * D),
-        }
-        if config.qkv_bias:
-            shapes.update({"q_proj.bias": (H * D,), "k_proj.bias": (K * D,), "v_proj.bias": (K * D,)})
-        for name, shape in shapes.items():
-            if name not in weights or tuple(weights[name].shape) != shape:
-                found = tuple(weights[name].shape) if name in weights else "missing"
-                raise WeightsError(
-                    f"attention of layer {layer_idx}: tensor {name!r} is {found}, expected {shape}"
-                )
+        self.scaling = self.head_dim**-0.5
+        # Every tensor of HF's state_dict, with its shape (checkpoint.py's schema), else a WeightsError.
+        check_tensors(weights, attention_tensors(config), f"attention of layer {layer_idx}")
 
         names = ("q_proj", "k_proj", "v_proj")
         self.qkv_weight = concat_rows(weights[f"{n}.weight"] for n in names)  # ((H+2K)*D, C)

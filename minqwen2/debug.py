@@ -1,6 +1,7 @@
 """A layer-by-layer debugger: where does our forward pass stop agreeing with HF's?
 
     python -m minqwen2.debug MODEL --prompt "def fib(n):"
+    python -m minqwen2.debug MODEL --prompt "def fib(n):" --backend mlx
 
 runs minqwen2 and HF transformers (float32, eager attention) on the same tokens and
 prints, for every stage — the embedding, each layer's attention output and MLP output,
@@ -9,8 +10,12 @@ the final norm, the logits — the largest and the mean absolute difference, and
 name is where to look: an error in layer 5's attention shows up first at
 ``layer 5 attention``, and everything after it inherits the damage.
 
-Tolerance: a stage agrees when ``max|ours - hf| <= rtol * max|hf| + atol``. Scaling by the
-stage's own magnitude matters because activations span orders of magnitude (the
+``--backend mlx`` checks the MLX twin instead (in float32): against the NumPy model, stage
+by stage (both models record the same stages with ``trace=``), and against HF. The first
+table says where MLX leaves NumPy, i.e. which twin to read next to its sibling.
+
+Tolerance: a stage agrees when ``max|ours - ref| <= rtol * max|ref| + atol``. Scaling by
+the stage's own magnitude matters because activations span orders of magnitude (the
 residual stream of a real model reaches the thousands, its logits about 30); float32
 round-off (eps ≈ 1.2e-7) accumulated over a few thousand-term dot products and 24 layers
 stays near 1e-6 of that magnitude, so the default ``rtol = 1e-4`` flags real bugs only.
@@ -54,7 +59,7 @@ def compare_traces(
     for (name, a), (_, b) in zip(ours, ref, strict=False):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
-            raise ValueError(f"stage {name!r}: shape {a.shape} vs HF's {b.shape}")
+            raise ValueError(f"stage {name!r}: shape {a.shape} vs the reference's {b.shape}")
         err = np.abs(a - b)
         scale = float(np.abs(b).max()) if b.size else 0.0
         worst = float(err.max()) if err.size else 0.0
@@ -68,10 +73,19 @@ def first_mismatch(diffs: list[StageDiff]) -> StageDiff | None:
 
 
 def our_trace(model: Any, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Run minqwen2's NumPy model and collect its stages."""
-    trace: list[tuple[str, np.ndarray]] = []
+    """Run a minqwen2 model (NumPy or MLX) and collect its stages as float NumPy arrays."""
+    trace: list[tuple[str, Any]] = []
     model(ids, trace=trace)
-    return trace
+    return [(name, _as_numpy(activation)) for name, activation in trace]
+
+
+def _as_numpy(activation: Any) -> np.ndarray:
+    """NumPy arrays as they are; an ``mx.array`` (any dtype) as float32 NumPy."""
+    if isinstance(activation, np.ndarray):
+        return activation
+    import mlx.core as mx
+
+    return np.array(activation.astype(mx.float32))
 
 
 def hf_trace(hf_model: Any, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -103,12 +117,15 @@ def hf_trace(hf_model: Any, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return trace
 
 
-def print_report(diffs: list[StageDiff], rtol: float, atol: float) -> None:
+def print_report(
+    diffs: list[StageDiff], rtol: float, atol: float, ours: str = "minqwen2", ref: str = "HF"
+) -> None:
+    """The table of stages, the first one that disagrees in red, and a one-line verdict."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"minqwen2 vs HF transformers (ok: max|Δ| ≤ {rtol:g}·max|hf| + {atol:g})")
-    for col in ("stage", "max |Δ|", "mean |Δ|", "max |hf|", ""):
+    table = Table(title=f"{ours} vs {ref} (ok: max|Δ| ≤ {rtol:g}·max|{ref}| + {atol:g})")
+    for col in ("stage", "max |Δ|", "mean |Δ|", f"max |{ref}|", ""):
         table.add_column(col, justify="left" if col == "stage" else "right")
     bad = first_mismatch(diffs)
     for d in diffs:
@@ -125,51 +142,78 @@ def print_report(diffs: list[StageDiff], rtol: float, atol: float) -> None:
     console = Console()
     console.print(table)
     if bad is None:
-        console.print("[green]Every stage agrees with HF within tolerance.[/]")
+        console.print(f"[green]Every stage agrees with {ref} within tolerance.[/]")
     else:
-        console.print(f"[red]First stage that disagrees: [bold]{bad.stage}[/bold][/] — start looking there.")
+        console.print(
+            f"[red]First stage where {ours} leaves {ref}: [bold]{bad.stage}[/bold][/] — start looking there."
+        )
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_hf(path: Path) -> Any:
+    """HF transformers' float32 eager model of ``path``, or None without the test extra."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minqwen2.debug", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "model", nargs="?", default=None, help="registry name or model directory (default model)"
     )
-    parser.add_argument("--prompt", default="def fibonacci(n):", help="text to run through both models")
+    parser.add_argument("--prompt", default="def fibonacci(n):", help="text to run through the models")
+    parser.add_argument(
+        "--backend", choices=("numpy", "mlx"), default="numpy",
+        help="the model to check: numpy (against HF) or mlx (float32, against NumPy and HF)",
+    )  # fmt: skip
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
-    args = parser.parse_args(argv)
+    return parser
 
-    from minqwen2 import load
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the models, compare their traces, print one table per comparison; 0 if all agree, else 2."""
+    args = build_parser().parse_args(argv)
+
+    from minqwen2 import load, load_model
     from minqwen2.errors import MinQwen2Error
-    from minqwen2.registry import resolve_model
+    from minqwen2.paths import resolve_model
 
     try:
         path: Path = resolve_model(args.model)
-        model, tokenizer = load(path, backend="numpy")
+        numpy_model, tokenizer = load(path, backend="numpy")
+        model = load_model(path, backend="mlx", dtype="float32") if args.backend == "mlx" else numpy_model
     except MinQwen2Error as err:
         print(f"minqwen2.debug: error: {err}", file=sys.stderr)
         return 1
     if tokenizer is None:
         print(f"minqwen2.debug: error: {path} has no tokenizer files to encode --prompt", file=sys.stderr)
         return 1
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
+    hf_model = load_hf(path)
+    if hf_model is None and args.backend == "numpy":
         print(
             "minqwen2.debug: error: the HF reference needs the test extra: pip install 'minqwen2[test]'",
             file=sys.stderr,
         )
         return 1
+
     ids = np.array([tokenizer.encode(args.prompt)])
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    diffs = compare_traces(our_trace(model, ids), hf_trace(hf_model, ids), args.rtol, args.atol)
+    ours = our_trace(model, ids)
+    name = "minqwen2 MLX" if args.backend == "mlx" else "minqwen2"
+    comparisons = []  # (reference's name, stage diffs)
+    if args.backend == "mlx":
+        comparisons.append(("NumPy", compare_traces(ours, our_trace(numpy_model, ids), args.rtol, args.atol)))
+    if hf_model is not None:
+        comparisons.append(("HF", compare_traces(ours, hf_trace(hf_model, ids), args.rtol, args.atol)))
     print(f"{ids.shape[1]} tokens: {args.prompt!r}")
-    print_report(diffs, args.rtol, args.atol)
-    return 0 if first_mismatch(diffs) is None else 2
+    for ref, diffs in comparisons:
+        print_report(diffs, args.rtol, args.atol, ours=name, ref=ref)
+    if hf_model is None:
+        print("(no HF comparison: transformers is not installed; pip install 'minqwen2[test]')")
+    return 0 if all(first_mismatch(diffs) is None for _, diffs in comparisons) else 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ D head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from minqwen2.config import Qwen2Config
@@ -55,9 +57,13 @@ class LayerKVCache:
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be a positive number of tokens, got {capacity}")
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = np.zeros(shape, dtype=np.float32)  # (B, K, capacity, D)
-        self.values = np.zeros(shape, dtype=np.float32)  # (B, K, capacity, D)
+        self.keys = self.zeros(shape)  # (B, K, capacity, D)
+        self.values = self.zeros(shape)  # (B, K, capacity, D)
         self.length = 0  # tokens held: rows [0, length) of axis 2 are valid
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        """New storage, all zeros: float32 NumPy here (the MLX twin's is an ``mx.array``)."""
+        return np.zeros(shape, dtype=np.float32)
 
     @property
     def batch_size(self) -> int:
@@ -77,16 +83,19 @@ class LayerKVCache:
     def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append ``T`` new tokens; return the keys and values of all ``S = length`` tokens held.
 
-        ``k``, ``v``: ``(B, K, T, D)`` float32, keys already rotated. They are written at
-        rows ``[length, length + T)``. The returned arrays are *views* into the cache,
-        ``(B, K, S, D)``: valid until the next ``update`` or ``rewind`` overwrites rows.
+        ``k``, ``v``: ``(B, K, T, D)`` in the cache's dtype (float32), keys already rotated.
+        They are written at rows ``[length, length + T)``. The returned arrays are *views*
+        into the cache, ``(B, K, S, D)``: valid until the next ``update`` or ``rewind``
+        overwrites rows.
         """
         B, K, _, D = self.keys.shape
         T = k.shape[2]
         assert k.shape == v.shape == (B, K, T, D), (
             f"expected (B, K, T, D) = ({B}, {K}, T, {D}), got {k.shape}"
         )
-        assert k.dtype == v.dtype == np.float32, f"the cache holds float32, got {k.dtype} / {v.dtype}"
+        assert k.dtype == v.dtype == self.keys.dtype, (
+            f"the cache holds {self.keys.dtype}, got {k.dtype} / {v.dtype}"
+        )
         start, end = self.length, self.length + T
         if end > self.capacity:
             self._grow(end)
@@ -99,8 +108,8 @@ class LayerKVCache:
         """Reallocate to hold ``needed`` tokens (rounded up to CHUNK), keeping what is held."""
         B, K, _, D = self.keys.shape
         capacity = _round_up(needed, CHUNK)
-        keys = np.zeros((B, K, capacity, D), dtype=np.float32)  # (B, K, capacity', D)
-        values = np.zeros((B, K, capacity, D), dtype=np.float32)  # (B, K, capacity', D)
+        keys = self.zeros((B, K, capacity, D))  # (B, K, capacity', D)
+        values = self.zeros((B, K, capacity, D))  # (B, K, capacity', D)
         keys[:, :, : self.length] = self.keys[:, :, : self.length]
         values[:, :, : self.length] = self.values[:, :, : self.length]
         self.keys, self.values = keys, values
@@ -121,14 +130,22 @@ class KVCache:
     which is also the position of the next token; ``len(cache)`` is the same number.
     """
 
-    def __init__(self, config: Qwen2Config, batch_size: int = 1, capacity: int | None = None):
+    #: The cache of one layer. The MLX twin's ``KVCache`` names its own, and that is all it changes.
+    layer_class: type[LayerKVCache] = LayerKVCache
+
+    def __init__(
+        self, config: Qwen2Config, batch_size: int = 1, capacity: int | None = None, **layer_options: Any
+    ):
+        """``layer_options`` go to every ``layer_class(...)`` (the MLX twin's ``dtype``)."""
         if batch_size < 1:
             raise ValueError(f"KV cache batch_size must be positive, got {batch_size}")
         capacity = DEFAULT_CAPACITY if capacity is None else capacity
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be a positive number of tokens, got {capacity}")
         self.layers = [
-            LayerKVCache(batch_size, config.num_key_value_heads, config.head_dim, capacity)
+            self.layer_class(
+                batch_size, config.num_key_value_heads, config.head_dim, capacity, **layer_options
+            )
             for _ in range(config.num_hidden_layers)
         ]
 

@@ -6,10 +6,10 @@ Same block as the NumPy sibling (read it first)::
 
 What changes here:
 
-* the matrix products go through :func:`minqwen2.quantize_mlx.linear`, so the weights may
+* the matrix products go through :func:`minqwen2.linear_mlx.linear`, so the weights may
   be float (float32, bfloat16, float16) or 4/8-bit quantized;
 * gate and up are one fused product, as in the NumPy sibling (``gate_up_proj``); for
-  quantized weights the fusion is exact too (``quantize_mlx.concat_rows``);
+  quantized weights the fusion is exact too (``linear_mlx.concat_rows``);
 * the activation ``silu(gate) * up`` is one compiled kernel (:func:`swiglu`) instead of
   four elementwise passes over a ``(..., F)`` array.
 
@@ -27,7 +27,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from minqwen2.quantize_mlx import Weight, concat_rows, linear
+from minqwen2.linear_mlx import Weight, concat_rows, linear
 
 
 @partial(mx.compile, shapeless=True)
@@ -35,11 +35,10 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """``silu(gate) * up`` with silu evaluated in float32: ``(..., F), (..., F) -> (..., F)``.
 
     ``mx.compile`` fuses the cast, sigmoid, two multiplies and the cast back into one pass
-    (``shapeless``: traced once, reused for every number of tokens). Measured on the 0.5B
-    model's decode step on MLX's Linux CPU backend it changes nothing (1.26 vs 1.30 tok/s
-    in bfloat16, 1.26 vs 1.28 in float32, interleaved runs: noise), because the matrix
-    products take ~90% of a step there. It is kept for Metal, where each uncompiled
-    elementwise op is a kernel launch of its own (mlx-lm compiles the same function).
+    (``shapeless``: traced once, reused for every number of tokens): one kernel instead of
+    five. That matters on Metal, where each elementwise op is a kernel launch of its own
+    (mlx-lm compiles the same function); on the CPU backend the matrix products dominate
+    and it changes nothing measurable (``benchmarks/mlx_vs_mlxlm.py --no-compile``).
     """
     g = gate.astype(mx.float32)
     return (g * mx.sigmoid(g)).astype(gate.dtype) * up

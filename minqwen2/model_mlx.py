@@ -3,7 +3,7 @@
 The same assembly as the NumPy model (read it first), from the MLX twins of each part::
 
     input_ids (B, T)
-      → embed_tokens                      (B, T, C)   quantize_mlx.embedding (float or quantized rows)
+      → embed_tokens                      (B, T, C)   linear_mlx.embedding (float or quantized rows)
       → N × DecoderLayer:                 (B, T, C)
             h = x + Attention(RMSNorm(x))             attention_mlx.py, rmsnorm_mlx.py, rope_mlx.py
             x = h + MLP(RMSNorm(h))                   mlp_mlx.py or moe_mlx.py
@@ -14,26 +14,19 @@ The public surface is the NumPy model's: ``model(input_ids, cache=None, last_onl
 with ids ``(T,)`` or ``(B, T)`` (a list, a NumPy array or an ``mx.array``),
 ``model.make_cache(batch_size, capacity)``, ``model.config``. Logits come back as a float32
 ``mx.array``; ``np.asarray(logits)`` makes them NumPy, so ``generate.py`` runs either model
-unchanged. One addition for speed: :meth:`Qwen2Model.greedy_tokens`, greedy decoding that
-keeps the chosen ids on the device and builds each step while the previous one computes
+unchanged; ``trace=`` records the NumPy model's stages under the same names, so
+``python -m minqwen2.debug --backend mlx`` can name the first stage where the twins part.
+One addition for speed: :meth:`Qwen2Model.greedy_tokens`, greedy decoding that keeps the
+chosen ids on the device and builds each step while the previous one computes
 (``generate.py`` uses it when the sampling is plain argmax).
 
-What was measured on the Linux CPU backend (MLX 0.32.4, the 0.5B model, 2 shared cores) and
-why the fast path is what it is — see ``benchmarks/mlx_vs_mlxlm.py`` for the figures:
+Loading (:func:`load_mlx_model`) goes one way, each step reading only what the last one gave::
 
-* every matrix product goes to a single-threaded kernel that computes at ~1 GFLOP/s
-  whatever the weight format (the reference BLAS the Linux wheel links for float32, MLX's
-  own loops for bfloat16 and the quantized formats); the products are 85-95% of a
-  decode step, so decode is compute-bound here, far from the memory-bandwidth ceiling;
-* ``mx.compile`` of a decode step's static-shape parts (norm + q/k/v + RoPE with the
-  offset as an array, and o_proj + MLP) changed nothing measurable on this backend (24
-  layers, float32, interleaved: 49.0 -> 45.4 ms and 514 -> 524 ms): compile fuses
-  elementwise chains and skips Python's graph building, and here the elementwise work is
-  already in fused kernels (``mx.fast.rms_norm``, ``mx.fast.rope``, the attention, the
-  compiled ``mlp_mlx.swiglu``) and graph building is ~1% of a step. So the step is not
-  compiled: that would also need a static cache shape (attention over the whole capacity
-  with a mask) for a gain within noise. Graph building is hidden instead, behind the
-  previous step's compute, by :meth:`Qwen2Model.greedy_tokens`.
+    config.json       quantize_mlx.read_config: the config, and the bits of a quantized checkpoint
+    → the schema      checkpoint.checkpoint_tensors: every tensor name and shape, from the config
+    → the weights     weights.load_weights (float32 NumPy, checked) → quantize_mlx.to_mlx (dtype, bits),
+                      or quantize_mlx.load_quantized for a checkpoint stored quantized
+    → the components  Qwen2Model: each twin checks its slice (checkpoint.check_tensors)
 
 Precision (``dtype``):
 
@@ -46,7 +39,8 @@ Precision (``dtype``):
   is known to exceed it (the classic symptom is a reply of "!!!!"). It is allowed with a
   guard: a forward pass whose logits are not finite raises an error that says to use
   bfloat16, instead of returning garbage.
-* ``bits=4`` or ``8`` quantizes the matrices (``quantize_mlx.py``) on top of ``dtype``.
+* ``bits=4`` or ``8`` quantizes the matrices (``quantize_mlx.py``; the products are in
+  ``linear_mlx.py``) on top of ``dtype``.
 
 Shapes: ``B`` batch, ``T`` new tokens in this call, ``C`` hidden size, ``V`` vocabulary.
 """
@@ -59,30 +53,25 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from minqwen2 import model as numpy_model
 from minqwen2.attention_mlx import Attention
+from minqwen2.checkpoint import BITS
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
 from minqwen2.kv_cache_mlx import KVCache, LayerKVCache
+from minqwen2.linear_mlx import QuantizedWeight, Weight, embedding, linear
 from minqwen2.mlp_mlx import MLP
+from minqwen2.model import check_input_ids
 from minqwen2.moe_mlx import SparseMoeBlock
-from minqwen2.quantize_mlx import (
-    BITS,
-    DTYPES,
-    QuantizedWeight,
-    Weight,
-    embedding,
-    is_quantized_checkpoint,
-    linear,
-    load_quantized,
-    to_mlx,
-)
+from minqwen2.quantize_mlx import DTYPES, load_quantized, read_config, to_mlx
 from minqwen2.rmsnorm_mlx import RMSNorm
 from minqwen2.rope_mlx import RotaryEmbedding
 from minqwen2.weights import load_weights, submodule
 
 #: The MLX backend's default dtype (the public contract: README, "The MLX backend").
 DEFAULT_DTYPE = "bfloat16"
+
+#: A trace is a list of (stage name, activation) pairs, as the NumPy model's (model.Trace).
+Trace = list[tuple[str, mx.array]]
 
 FLOAT16_OVERFLOW = (
     "the float16 forward pass overflowed (non-finite logits): Qwen2's activations exceed "
@@ -96,15 +85,26 @@ class DecoderLayer:
     def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
         eps = config.rms_norm_eps
         self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
+        self.input_layernorm = RMSNorm(submodule(weights, "input_layernorm."), eps)
         self.self_attn = Attention(config, layer_idx, submodule(weights, "self_attn."))
-        self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
+        self.post_attention_layernorm = RMSNorm(submodule(weights, "post_attention_layernorm."), eps)
         mlp_weights = submodule(weights, "mlp.")
         self.mlp = SparseMoeBlock(config, mlp_weights) if config.is_moe_layer(layer_idx) else MLP(mlp_weights)
 
-    def __call__(self, x: mx.array, rope: RotaryEmbedding, cache: LayerKVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache)  # (B, T, C) residual
-        return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, C) residual
+    def __call__(
+        self,
+        x: mx.array,  # (B, T, C)
+        rope: RotaryEmbedding,
+        cache: LayerKVCache | None = None,
+        trace: Trace | None = None,
+    ) -> mx.array:
+        attn_out = self.self_attn(self.input_layernorm(x), rope, cache)  # (B, T, C)
+        h = x + attn_out  # residual
+        mlp_out = self.mlp(self.post_attention_layernorm(h))  # (B, T, C)
+        if trace is not None:
+            trace.append((f"layer {self.layer_idx} attention", attn_out))
+            trace.append((f"layer {self.layer_idx} mlp", mlp_out))
+        return h + mlp_out  # residual
 
 
 class Qwen2Model:
@@ -112,7 +112,7 @@ class Qwen2Model:
 
     Build it with :func:`minqwen2.load_model` (``backend="mlx"``) or directly from a config
     and a dict of weights under HF's names — ``mx.array`` in ``dtype``, or
-    :class:`~minqwen2.quantize_mlx.QuantizedWeight` (MoE experts stacked as HF 5.24 holds
+    :class:`~minqwen2.linear_mlx.QuantizedWeight` (MoE experts stacked as HF 5.24 holds
     them, ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``).
     """
 
@@ -127,7 +127,7 @@ class Qwen2Model:
             DecoderLayer(config, i, submodule(weights, f"model.layers.{i}."))
             for i in range(config.num_hidden_layers)
         ]
-        self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
+        self.norm = RMSNorm(submodule(weights, "model.norm."), config.rms_norm_eps)
         self.lm_head = weights["lm_head.weight"]  # (V, C); the embedding itself when tied
         quantized = [w for w in weights.values() if isinstance(w, QuantizedWeight)]
         self.bits = quantized[0].bits if quantized else None  # None, 4 or 8
@@ -141,38 +141,49 @@ class Qwen2Model:
         input_ids: np.ndarray | mx.array | list[int],
         cache: KVCache | None = None,
         last_only: bool = False,
+        trace: Trace | None = None,
     ) -> mx.array:
         """Logits for each new token: float32 ``(B, T, V)``, or ``(B, 1, V)`` with ``last_only``.
 
-        The arguments mean what they mean for :meth:`minqwen2.model.Qwen2Model.__call__`.
+        The arguments mean what they mean for :meth:`minqwen2.model.Qwen2Model.__call__`;
+        ``trace`` receives the same stages (``embedding``, ``layer i attention``, ``layer i
+        mlp``, ``final norm``, ``logits``) as ``mx.array`` in the model's dtype.
         """
-        # The NumPy model's checks, verbatim (shape, integer dtype, range); an mx.array
-        # converts with np.asarray.
-        ids = numpy_model.check_input_ids(np.asarray(input_ids), self.config.vocab_size)  # (B, T)
+        # The NumPy model's checks (shape, integer dtype, range); an mx.array converts with np.asarray.
+        ids = check_input_ids(np.asarray(input_ids), self.config.vocab_size)  # (B, T)
         B, T = ids.shape
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} sequences but input_ids has {B}")
-        logits = self.forward(mx.array(ids), cache, last_only)  # (B, T or 1, V)
+        logits = self.forward(mx.array(ids), cache, last_only, trace)  # (B, T or 1, V)
         if self.dtype == mx.float16 and not mx.isfinite(logits).all().item():
             raise MinQwen2Error(FLOAT16_OVERFLOW)
         return logits
 
-    def forward(self, ids: mx.array, cache: KVCache | None = None, last_only: bool = False) -> mx.array:
+    def forward(
+        self, ids: mx.array, cache: KVCache | None = None, last_only: bool = False, trace: Trace | None = None
+    ) -> mx.array:
         """The forward pass proper, on ids already checked: ``(B, T)`` int -> float32 logits.
 
         It only *builds* MLX's lazy graph and reads nothing back to the host, so it also
         takes ids that are not computed yet (:meth:`greedy_tokens` feeds it the argmax of
         the previous step before that step has run). One exception: half-precision MoE
-        experts on the CPU read their routing back (``quantize_mlx.gather_linear``), which
+        experts on the CPU read their routing back (``linear_mlx.gather_linear``), which
         only makes that step wait for the previous one.
         """
         x = embedding(self.embed_tokens, ids)  # (B, T, C)
+        if trace is not None:
+            trace.append(("embedding", x))
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary_emb, cache.layers[i] if cache is not None else None)  # (B, T, C)
+            x = layer(x, self.rotary_emb, cache.layers[i] if cache is not None else None, trace)  # (B, T, C)
         x = self.norm(x)  # (B, T, C)
+        if trace is not None:
+            trace.append(("final norm", x))
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the lm_head for the last position only
-        return linear(x, self.lm_head).astype(mx.float32)  # (B, T or 1, V)
+        logits = linear(x, self.lm_head).astype(mx.float32)  # (B, T or 1, V)
+        if trace is not None:
+            trace.append(("logits", logits))
+        return logits
 
     def greedy_tokens(self, token: int, cache: KVCache, max_tokens: int) -> Iterator[int]:
         """Greedy decoding on the device: the ``max_tokens`` ids that follow ``token``.
@@ -187,10 +198,9 @@ class Qwen2Model:
             yield y1.item()  <- the one host read per token: waits for y1 only
             y3 = step(y2)    <- built while y2 computes ...
 
-        Building a step's graph (~600 MLX ops in Python for the 0.5B model) took 2-10 ms of
-        a ~0.5-1 s step on the Linux CPU backend, so this hides ~1% there; on Apple
-        silicon, where a step takes milliseconds, the graph building is a large part of it.
-        The price: each ``greedy_tokens`` computes one step whose token is never read when
+        What it saves: building a step's graph (~600 MLX ops in Python for the 0.5B model)
+        is hidden behind the previous step's compute — a small share of a step on the CPU
+        backend, a large one on Apple silicon (``benchmarks/mlx_vs_mlxlm.py``). The price: each ``greedy_tokens`` computes one step whose token is never read when
         generation stops early (an end-of-turn id or a stop string), and the cache then
         holds that extra token (``generate.py``'s cache is its own; ``rewind`` drops it).
         """
@@ -223,6 +233,8 @@ def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None 
     * ``bits``: ``None``, ``4`` or ``8``: quantize the matrices at load time (group size 64).
       A checkpoint written by ``minqwen2 convert --bits`` is already quantized and loads as
       it is; ``bits`` may then be omitted, or must match the checkpoint's.
+
+    The steps are the module docstring's "Loading".
     """
     path = Path(path)
     dtype = DEFAULT_DTYPE if dtype is None else dtype
@@ -234,20 +246,17 @@ def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None 
         raise MinQwen2Error(f"bits = {bits!r} is not supported; expected None or one of {list(BITS)}")
     mx_dtype = DTYPES[dtype]
 
-    config_path = path / "config.json"
-    if is_quantized_checkpoint(path):
-        config, weights, stored_bits = load_quantized(path, mx_dtype)
-        if bits is not None and bits != stored_bits:
-            raise MinQwen2Error(
-                f"{config_path}: the checkpoint is quantized to {stored_bits} bits; it cannot be loaded "
-                f"with bits={bits} (quantize the original model instead)"
-            )
-        return Qwen2Model(config, weights, dtype=mx_dtype)
-
-    config = Qwen2Config.from_file(config_path)
-    # mmap=False: each tensor is read into memory, copied into MLX (and quantized, with
-    # bits) and freed (to_mlx), largest first, so the float32 file is never resident beside
-    # the MLX copy: the 0.5B model's float32 load peaked at 4.74 GiB with the file mapped,
-    # 2.92 GiB this way in the file's order, 2.38 GiB largest first (weights.load_weights).
-    weights = to_mlx(load_weights(path, config, mmap=False), mx_dtype, bits)
+    config, stored_bits = read_config(path)
+    if stored_bits is None:
+        # mmap=False: each tensor is read into memory of its own, largest first, copied into
+        # MLX (and quantized, with bits) and freed by to_mlx, so the float32 checkpoint is
+        # never resident beside the MLX copy (peak memory: the largest tensor, not the file).
+        weights = to_mlx(load_weights(path, config, mmap=False), mx_dtype, bits)
+    elif bits is not None and bits != stored_bits:
+        raise MinQwen2Error(
+            f"{config.source}: the checkpoint is quantized to {stored_bits} bits; it cannot be loaded "
+            f"with bits={bits} (quantize the original model instead)"
+        )
+    else:
+        weights = load_quantized(path, config, stored_bits, mx_dtype)  # stored quantized: read as it is
     return Qwen2Model(config, weights, dtype=mx_dtype)

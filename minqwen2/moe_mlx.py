@@ -23,7 +23,7 @@ and summed (NumPy sums them in expert order, HF's default kernel in slot order: 
 only, docs/hf-semantics.md §9).
 
 Shape legend: B batch, T tokens, N = B*T, C hidden size, E experts, k experts per token,
-I expert width, F shared-expert width, M = N*k (token, expert) pairs.
+I routed-expert width, J shared-expert width, M = N*k (token, expert) pairs.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from collections.abc import Mapping
 
 import mlx.core as mx
 
+from minqwen2.checkpoint import check_tensors, moe_tensors
 from minqwen2.config import Qwen2Config
-from minqwen2.errors import WeightsError
+from minqwen2.linear_mlx import Weight, gather_linear, linear
 from minqwen2.mlp_mlx import MLP, swiglu
-from minqwen2.quantize_mlx import Weight, gather_linear, linear
+from minqwen2.weights import submodule
 
 
 class SparseMoeBlock:
@@ -43,33 +44,23 @@ class SparseMoeBlock:
 
     ``weights`` under HF 5.24's names: ``gate.weight (E, C)``, ``experts.gate_up_proj
     (E, 2I, C)`` (gate rows first), ``experts.down_proj (E, C, I)``,
-    ``shared_expert.{gate,up,down}_proj.weight``, ``shared_expert_gate.weight (1, C)``.
+    ``shared_expert.{gate,up,down}_proj.weight`` (J rows), ``shared_expert_gate.weight (1, C)``.
     """
 
     def __init__(self, config: Qwen2Config, weights: Mapping[str, Weight]) -> None:
         E, k = config.num_experts, config.num_experts_per_tok
-        C, I, F = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
+        C, I = config.hidden_size, config.moe_intermediate_size
         assert 0 < k <= E, f"need 0 < num_experts_per_tok <= num_experts, got k={k}, E={E}"
         self.num_experts, self.top_k, self.norm_topk_prob = E, k, config.norm_topk_prob
         self.hidden_size, self.expert_size = C, I
 
-        def take(name: str, shape: tuple[int, ...]) -> Weight:
-            if name not in weights or tuple(weights[name].shape) != shape:
-                found = tuple(weights[name].shape) if name in weights else "missing"
-                raise WeightsError(f"MoE block: tensor {name!r} is {found}, expected {shape}")
-            return weights[name]
-
-        self.router_weight = take("gate.weight", (E, C))  # (E, C)
-        self.gate_up_proj = take("experts.gate_up_proj", (E, 2 * I, C))  # (E, 2I, C)
-        self.down_proj = take("experts.down_proj", (E, C, I))  # (E, C, I)
-        self.shared_expert = MLP(
-            {
-                "gate_proj.weight": take("shared_expert.gate_proj.weight", (F, C)),
-                "up_proj.weight": take("shared_expert.up_proj.weight", (F, C)),
-                "down_proj.weight": take("shared_expert.down_proj.weight", (C, F)),
-            }
-        )
-        self.shared_expert_gate = take("shared_expert_gate.weight", (1, C))  # (1, C)
+        # Every tensor of HF's state_dict, with its shape (checkpoint.py's schema), else a WeightsError.
+        check_tensors(weights, moe_tensors(config, fused_experts=True), "MoE block")
+        self.router_weight = weights["gate.weight"]  # (E, C)
+        self.gate_up_proj = weights["experts.gate_up_proj"]  # (E, 2I, C)
+        self.down_proj = weights["experts.down_proj"]  # (E, C, I)
+        self.shared_expert = MLP(submodule(weights, "shared_expert."))  # width J
+        self.shared_expert_gate = weights["shared_expert_gate.weight"]  # (1, C)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Each token's experts: x (N, C) -> weights (N, k) in x's dtype, indices (N, k).

@@ -19,6 +19,8 @@ Shape legend: C hidden size; ``...`` any leading axes (B batch, T tokens).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import mlx.core as mx
 
 
@@ -34,12 +36,13 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 class RMSNorm:
     """An RMSNorm layer holding its weight (C,), in the model's dtype.
 
-    The twin of :class:`minqwen2.rmsnorm.RMSNorm`: the same HF ``{"weight": (C,)}`` state.
+    The twin of :class:`minqwen2.rmsnorm.RMSNorm`, built the same way: from HF's
+    ``Qwen2RMSNorm`` state_dict ``{"weight": (C,)}``, and ``eps``.
     """
 
-    def __init__(self, weight: mx.array, eps: float) -> None:
-        assert weight.ndim == 1, f"RMSNorm weight must be (C,), got {weight.shape}"
-        self.weight = weight  # (C,)
+    def __init__(self, weights: Mapping[str, mx.array], eps: float) -> None:
+        self.weight = weights["weight"]  # (C,)
+        assert self.weight.ndim == 1, f"RMSNorm weight must be (C,), got {self.weight.shape}"
         self.eps = float(eps)
 
     def __call__(self, x: mx.array) -> mx.array:

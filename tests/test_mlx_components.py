@@ -10,8 +10,8 @@ same tolerances:
 * Attention: ``atol = rtol = 1e-5`` (test_attention.py: four float32 reductions).
 * MoE block: ``atol = rtol = 5e-6``, with the same routing-margin assumption (test_moe.py).
 * KV cache: exact (it only moves numbers).
-* Quantized products: against the float32 product with the dequantized matrix, see
-  :data:`QUANT_RTOL`.
+* Quantized products (``linear_mlx.py``): against the float32 product with the
+  dequantized matrix, see :data:`QUANT_RTOL`.
 
 MLX's CPU backend sums in a different order than NumPy's BLAS and torch, which is all the
 tolerances need to absorb; a real bug (a wrong pairing of RoPE dimensions, a KV head
@@ -37,18 +37,11 @@ from transformers import DynamicCache
 from transformers.models.qwen2 import modeling_qwen2 as hf_qwen2
 
 from minqwen2 import attention_mlx, kv_cache, kv_cache_mlx, mlp_mlx, moe_mlx, rmsnorm_mlx, rope_mlx
+from minqwen2.checkpoint import GROUP_SIZE, is_quantizable
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
-from minqwen2.quantize_mlx import (
-    GROUP_SIZE,
-    QuantizedWeight,
-    concat_rows,
-    embedding,
-    gather_linear,
-    is_quantizable,
-    linear,
-    quantize_weight,
-)
+from minqwen2.linear_mlx import QuantizedWeight, concat_rows, embedding, gather_linear, linear
+from minqwen2.quantize_mlx import quantize_weight
 from minqwen2.rope import compute_inv_freq
 
 ATTENTION_TOL = dict(atol=1e-5, rtol=1e-5)  # test_attention.py's TOL
@@ -65,7 +58,7 @@ def to_mx(weights: dict[str, np.ndarray]) -> dict[str, mx.array]:
 @given(inputs(), st.sampled_from(EPSILONS))
 def test_rms_norm_matches_hf_and_numpy(data, eps):
     x, weight = data
-    ours = np.array(rmsnorm_mlx.RMSNorm(mx.array(weight), eps)(mx.array(x)))
+    ours = np.array(rmsnorm_mlx.RMSNorm({"weight": mx.array(weight)}, eps)(mx.array(x)))
     assert ours.dtype == np.float32 and ours.shape == x.shape
     np.testing.assert_allclose(ours, hf_rms_norm(x, weight, eps), rtol=RTOL, atol=0)
 

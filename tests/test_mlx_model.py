@@ -28,10 +28,12 @@ import minqwen2
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import ConfigError, MinQwen2Error, WeightsError
 from minqwen2.generate import generate
+from minqwen2.linear_mlx import QuantizedWeight
 from minqwen2.model import Qwen2Model as NumpyQwen2Model
 from minqwen2.model_mlx import Qwen2Model
-from minqwen2.quantize_mlx import QuantizedWeight, convert_quantized, quantize_weights, save_quantized, to_mlx
+from minqwen2.quantize_mlx import quantize_weights, save_quantized, to_mlx
 from minqwen2.sampling import SamplingParams
+from minqwen2.tools.quantize import convert_quantized
 from minqwen2.weights import load_weights
 
 

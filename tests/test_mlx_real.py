@@ -31,9 +31,10 @@ import pytest
 import torch
 
 from minqwen2.config import Qwen2Config
+from minqwen2.linear_mlx import QuantizedWeight
 from minqwen2.model import Qwen2Model
 from minqwen2.model_mlx import Qwen2Model as MLXQwen2Model
-from minqwen2.quantize_mlx import QuantizedWeight, quantize_weights, to_mlx
+from minqwen2.quantize_mlx import quantize_weights, to_mlx
 from minqwen2.weights import load_weights
 
 # Minutes, not seconds, on a 2-core Linux machine (four 1,024-token NumPy passes, three

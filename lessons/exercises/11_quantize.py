@@ -2,7 +2,8 @@
 
 Lesson: ``lessons/11_mlx.py``. The reference solution is ``quantize_weight`` in
 ``minqwen2/quantize_mlx.py``, which calls ``mx.quantize``: write yours without it (that
-passes the tests too, but teaches nothing). Try first, read after.
+passes the tests too, but teaches nothing). Try first, read after. What the three arrays
+of a ``QuantizedWeight`` mean, and the products that use them: ``minqwen2/linear_mlx.py``.
 
 Write ``quantize_weight`` below, then check it with the same tests that check the package::
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np  # noqa: F401  (yours to use: the tests pass float32 matrices)
 
+from minqwen2.checkpoint import BITS, GROUP_SIZE
 from minqwen2.errors import MinQwen2Error
-from minqwen2.quantize_mlx import BITS, GROUP_SIZE, QuantizedWeight
+from minqwen2.linear_mlx import QuantizedWeight
 
 TARGET = "minqwen2.quantize_mlx"
 EXERCISE = ("quantize_weight",)
