@@ -144,7 +144,8 @@ print(
 # **Shapes.** `(..., C) -> (..., C)`; the weight is `(C,)`; the mean runs over the last axis
 # only, one RMS per token.
 #
-# **Read:** `minqwen2/rmsnorm.py` (55 lines).
+# **Read:** `minqwen2/rmsnorm.py`: `rms_norm` is this formula line for line, and it is what
+# the model runs (RMSNorm has no separate fast form: lesson 07 says why).
 #
 # Checked against HF's `Qwen2RMSNorm` on random float32 input: the two differ only in how
 # the C squares are summed, so the relative difference stays near float32's 1e-7.

@@ -81,8 +81,12 @@ save_figure(fig, "04_masks")
 # **Shapes.** `x (B, T, C)` → `q (B, H, T, D)`, `k, v (B, K, S, D)` with S = cached + new
 # tokens → `scores (B, K, G, T, S)` → `out (B, H, T, D)` → `(B, T, H·D)` → `y (B, T, C)`.
 #
-# **Read:** `minqwen2/attention.py` (`causal_mask`, `softmax`, `grouped_query_attention`,
-# `Attention`); the cache itself is `minqwen2/kv_cache.py` (lesson 07).
+# **Read:** `minqwen2/attention.py`: `causal_mask`, then `grouped_query_attention` (the
+# formula above in eight lines; its `softmax` is the one in `minqwen2/functional.py`),
+# then `Attention`. The module ends with a fast path, `attention_fast`: the same numbers
+# in fewer passes over the scores, and what the model runs unless told otherwise
+# (`minqwen2/fastpath.py`; lesson 07 says why). The cache itself is `minqwen2/kv_cache.py`
+# (lesson 07).
 #
 # Our attention layer against HF's `Qwen2Attention` on a tiny random layer — odd sizes, all
 # different (hidden 48, 6 query heads over 2 KV heads, head dim 8), so a wrong transpose
@@ -125,8 +129,9 @@ assert np.allclose(y, expected.numpy(), atol=1e-5)
 # ## GQA without copying K and V
 #
 # Query head `h = kv·G + g` belongs to group `kv`. Reshaping q from `(B, H, T, D)` to
-# `(B, K, G·T, D)` stacks a group's G query heads as extra *rows*, so one matrix product
-# per KV head scores them all. HF's way — repeat each KV head G times, then plain
+# `(B, K, G, T, D)` gives a group's G query heads an axis of their own; k and v, reshaped
+# to `(B, K, 1, S, D)`, are *broadcast* along it, so each KV head is read by its G query
+# heads without being copied. HF's way — repeat each KV head G times, then plain
 # multi-head attention — gives the same numbers. Pairing head h with KV head `h % K`
 # (`np.tile` instead of `np.repeat`) is a classic bug: it runs, and it is wrong by O(1).
 
@@ -141,9 +146,10 @@ ours_gqa = grouped_query_attention(q, k, v, mask, D**-0.5)  # (1, H, T, D)
 
 
 def multi_head(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Plain attention, one KV head per query head (after copying)."""
+    """Plain attention, one KV head per query head (after copying): the lines of
+    grouped_query_attention in minqwen2/attention.py without the GQA reshape."""
     scores = np.where(mask, q @ k.transpose(0, 1, 3, 2) * D**-0.5, -np.inf)  # (1, H, T, T)
-    return softmax(scores) @ v
+    return softmax(scores) @ v  # (1, H, T, D)
 
 
 repeated = multi_head(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1))  # head h -> KV head h // G
@@ -202,11 +208,12 @@ assert rows[-1][3:5] == ["10.00 GiB", "80.00 GiB"]  # the numbers quoted below
 #
 # *Hint:* the mask is two `np.arange` and a comparison, broadcast to `(T, S)`; remember the
 # queries are the *last* T positions. For GQA, start with `np.repeat` (correct, copies),
-# then try the reshape to `(B, K, G·T, D)`.
+# then try the reshape to `(B, K, G, T, D)`.
 #
 # **Check** (the same tests that check `minqwen2/attention.py`: the mask against HF's mask
 # functions, whole layers against HF's `Qwen2Attention` with and without a cache, and the
-# property that a token never influences an output it may not reach):
+# property that a token never influences an output it may not reach; with an exercise the
+# fast path is off, so the layers run your two functions):
 #
 # ```
 # pytest tests/test_attention.py --exercise lessons/exercises/04_attention.py

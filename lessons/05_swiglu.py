@@ -66,8 +66,11 @@ save_figure(fig, "05_silu")
 # `gate_proj, up_proj (F, C)` and `down_proj (C, F)` in torch's `(out, in)` layout, so
 # `y = x @ W.T`. Qwen2-0.5B: C = 896, F = 4864.
 #
-# **Read:** `minqwen2/mlp.py` (65 lines). It fuses `gate_proj` and `up_proj` into one
-# `(2F, C)` matrix: both read the same x, and one larger matrix product runs faster than two.
+# **Read:** `minqwen2/mlp.py`: `silu` is the formula above, and `MLP.__call__` computes
+# `silu(gate) * up`. It fuses `gate_proj` and `up_proj` into one `(2F, C)` matrix: both
+# read the same x, and one larger matrix product runs faster than two. Past the fast-path
+# banner, `silu_mul_fast` computes the same bits in one new array instead of five; the
+# model runs it unless told otherwise (`minqwen2/fastpath.py`).
 #
 # Against HF's `Qwen2MLP` on a tiny random one (C = 48, F = 37):
 

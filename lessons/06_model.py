@@ -35,7 +35,7 @@ from minqwen2.debug import compare_traces, first_mismatch, hf_trace, our_trace, 
 from minqwen2.paths import default_model_dir
 
 MODEL_DIR = default_model_dir()
-model, tokenizer = minqwen2.load(MODEL_DIR, backend="numpy")  # float32, memory-mapped weights
+model, tokenizer = minqwen2.load(MODEL_DIR, backend="numpy")  # float32, every weight read into memory
 config = model.config
 messages = [{"role": "user", "content": "Write a Python function that returns the square of x."}]
 ids = np.array(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # (T,)
@@ -85,8 +85,9 @@ assert peak.max() > 1000 and rms[:, 0].max() > 10 * np.median(rms[:, 1:], axis=1
 # V = 151,936 scores per position, of which generation needs only the last row:
 # `last_only=True` computes just that one (the lm_head is most of a small model's work).
 #
-# **Read:** `minqwen2/model.py` (154 lines: `DecoderLayer`, `Qwen2Model`), then
-# `minqwen2/loader.py` (`minqwen2.load`) and `minqwen2/debug.py` (the debugger below).
+# **Read:** `minqwen2/model.py` (`DecoderLayer`, `Qwen2Model`), then `minqwen2/loader.py`
+# (`minqwen2.load`, which also stores the two widest matrices in the memory order that
+# BLAS streams fastest: `minqwen2/fastpath.py`) and `minqwen2/debug.py` (the debugger below).
 #
 # ## The first logits, and HF's
 #

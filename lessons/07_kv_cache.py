@@ -228,8 +228,11 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # 2.0, RoPE 1.6, the rest ~2. The same operations with the big products left out, so that
 # nothing flushes the CPU caches between them, take 13.0 ms: each is a few microseconds of
 # Python and NumPy overhead, and each is slower when it is the first after a product has
-# streamed megabytes of weights through the caches. What made the step fast, each trick
-# commented where it lives:
+# streamed megabytes of weights through the caches. What made the step fast, below. The
+# tricks that change *how* a formula is computed sit in their module's *fast path*, under a
+# banner after the reference function the lesson teaches, with one line saying what each
+# saves; `minqwen2/fastpath.py` switches them all off at once (`with fastpath.reference():`
+# or `MINQWEN2_REFERENCE=1`) and holds the memory-layout decisions:
 #
 # * the weights in ordinary memory, read once at load (`weights.py`, `mmap=False`), not
 #   mapped from the file: the kernel backs large arrays with 2 MiB pages, and the
@@ -237,20 +240,32 @@ assert prefill_time < 64 * decode_time  # prefill reuses each weight 64 times
 # * one product for q, k and v, and one for the MLP's gate and up (`attention.py`, `mlp.py`);
 # * the two widest matrices, gate/up and the `lm_head`, stored column-major, so that
 #   OpenBLAS picks its faster matrix-vector kernel for them (gate/up 2.07 → 1.74 ms a
-#   layer, `lm_head` 33.8 → 28.6 ms, each pair measured side by side in a busier minute
-#   than the figures above); the `lm_head` is read so straight from the file, a
-#   slice of rows at a time (`weights.read_tensor_column_major`), so no second copy of
-#   its 544 MB is ever made;
+#   layer, about 8 ms of a 125 ms step then; `lm_head` 33.8 → 28.6 ms, each pair measured
+#   side by side in a busier minute than the figures above; `fastpath.apply_blas_layout`);
+#   the `lm_head` is read so straight from the file, a slice of rows at a time
+#   (`weights.read_tensor_column_major`), so no second copy of its 544 MB is ever made. A
+#   tied model's embedding lookup reads rows of that same column-major table, about 6 ms
+#   instead of 1 ms for a 512-token prompt, each token's row once: cheaper than a second,
+#   row-major copy of 544 MB;
 # * the cache written in place, never concatenated (`kv_cache.py`);
-# * decoding one token goes straight to the attention product: its query sees every key,
-#   so no mask is built and there is one block of queries (`attention.py`, ~1 ms a token);
+# * decoding one token skips the mask: its query sees every key, so no mask is built and
+#   there is one block of queries (`attention.attention_fast`): about ten NumPy calls a
+#   layer, each 5-10 us right after a product has flushed the CPU caches, ~1 ms a token;
 # * the `lm_head` only for the last position during prefill (`last_only`), which saves
 #   151,936 × 896 multiply-adds for every other prompt token;
-# * in prefill, scores computed per block of queries small enough for the CPU's caches,
-#   leaving out the keys none of the block may see; the softmax's scale and division moved
-#   from the (T, S) scores to the (T, D) queries and outputs (`attention.py`: one layer's
-#   attention over a 4,096-token prompt went from 1.32 to 0.65 s); softmax and SiLU in
-#   place; RMSNorm without needless conversions (`rmsnorm.py`: 7.7 → 3.2 ms a step).
+# * in prefill, scores computed per block of queries small enough for the CPU's caches
+#   (`attention.SCORE_BLOCK_BYTES`, 2 MiB), leaving out the keys none of the block may see;
+#   the softmax's scale and division moved from the (T, S) scores to the (T, D) queries
+#   and outputs (`attention.py`: one layer's attention over a 4,096-token prompt went from
+#   1.32 to 0.65 s). The block size, timed on the attention core alone (random q, k, v
+#   shaped as one layer of the default model, 14 heads): a 512-token prompt took 11.5 ms in
+#   blocks of 64 rows (1.8 MB of scores) and 12.8 ms in blocks of 128; a 4,096-token prompt
+#   0.65 s in blocks of 16 (3.7 MB), 0.76 s in blocks of 32 and 1.08 s in blocks of 64;
+# * softmax and SiLU in place (`mlp.silu_mul_fast`: one new array instead of five, each
+#   10 MB for a 512-token prompt); RMSNorm without needless conversions (7.7 → 3.2 ms a
+#   step, once float32 input was no longer copied); a hand-tuned `sum / C` instead of
+#   `np.mean` would save 2-4 us a norm more, 0.1-0.2 ms over a step's 49 norms (measured A/B
+#   on (1, 1, 896) vectors): too little to give `rmsnorm.py` a second form, so it has none.
 #
 # The cell below prints the figures of the last `make bench` run on *your* machine, if
 # there is one.

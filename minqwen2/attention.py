@@ -21,13 +21,18 @@ Qwen2's version, step by step (``Qwen2Attention`` in HF; the same for Qwen2-MoE)
 4. **Grouped-query attention (GQA).** There are fewer key/value heads (K) than query
    heads (H): each KV head serves G = H // K *consecutive* query heads, so query head h
    reads KV head ``h // G`` (not ``h % K``: that pairs the wrong heads). HF copies each KV
-   head G times (``repeat_kv``); we instead fold the G query heads of a group into the
-   rows of one matrix product, so the K/V heads are never copied.
+   head G times (``repeat_kv``); we instead reshape the queries to ``(B, K, G, T, D)``, so
+   the G query heads of a group meet their one KV head by broadcasting, and the K/V heads
+   are never copied.
 5. **The mask** is aligned to the *end*: the T new queries are the last T of the S
    tokens, so query t (absolute position S - T + t) sees keys 0..S - T + t. Sliding-window
    layers also hide keys W or more positions back: key j is visible iff ``q - W < j <= q``.
 6. **Softmax** in float32, with the row maximum subtracted first, then ``P · v`` and the
    output projection ``o_proj``.
+
+Steps 4-6 are :func:`grouped_query_attention`, the formula above in eight lines. The
+module ends with a fast path (:func:`attention_fast`): the same numbers in fewer passes
+over the scores; :mod:`minqwen2.fastpath` says which of the two runs.
 
 Shape legend: B batch, T new tokens (queries), S cached + new tokens (keys), C hidden
 size, H query heads, K key/value heads, G = H // K query heads per KV head, D head dim.
@@ -39,31 +44,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from minqwen2 import fastpath
+from minqwen2.checkpoint import attention_tensors, check_tensors
 from minqwen2.config import Qwen2Config
-from minqwen2.errors import WeightsError
+from minqwen2.functional import softmax  # the one softmax; lesson 04 imports it from here too
 from minqwen2.kv_cache import LayerKVCache
 from minqwen2.rope import apply_rotary_pos_emb
-
-#: How many bytes of attention scores one block of queries may hold (``query_block_size``).
-#: A block's scores are passed over five times (written, max, subtract, exp, sum) and read
-#: once more; a block that fits in the CPU's caches (a few MB of L2/L3) makes those passes
-#: several times faster than one that spills to memory.
-SCORE_BLOCK_BYTES = 2 * 2**20
-#: Fewer queries per block than this and Python's per-block overhead (~20 NumPy calls)
-#: costs more than the smaller block saves.
-MIN_QUERY_BLOCK = 16
-
-
-def query_block_size(num_heads: int, S: int) -> int:
-    """Queries per block so that a block's ``(num_heads, rows, S)`` float32 scores fit in
-    :data:`SCORE_BLOCK_BYTES` — but at least :data:`MIN_QUERY_BLOCK` rows.
-
-    Measured on the 2-core test machine, the attention core alone (random q, k, v shaped as
-    one layer of the 0.5B model, 14 heads): a 512-token prompt took 11.5 ms in blocks of 64 rows (1.8 MB of scores),
-    12.8 ms in blocks of 128; a 4,096-token prompt 0.65 s in blocks of 16 (3.7 MB),
-    0.76 s in blocks of 32 and 1.08 s in blocks of 64.
-    """
-    return max(MIN_QUERY_BLOCK, SCORE_BLOCK_BYTES // (num_heads * S * 4))
 
 
 def causal_mask(T: int, S: int, window: int | None = None) -> np.ndarray:
@@ -87,24 +73,6 @@ def causal_mask(T: int, S: int, window: int | None = None) -> np.ndarray:
     return visible
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """A numerically stable softmax.
-
-    ``exp`` overflows float32 above about 88.7, and attention scores can be that large.
-    Softmax does not change when a constant is subtracted from a row, so subtracting the
-    row's maximum makes the largest exponent exactly 0 (``exp`` = 1) and all others <= 1:
-    nothing overflows, and the result is the same number. Entries equal to ``-inf`` (masked
-    keys) become exactly 0, provided each row has a finite maximum.
-
-    :func:`grouped_query_attention` takes the same steps in place on its scores, and
-    divides by the row sums later, on its smaller output.
-    """
-    out = x - x.max(axis=axis, keepdims=True)  # a new array; every row's maximum is now 0
-    np.exp(out, out=out)
-    out /= out.sum(axis=axis, keepdims=True)
-    return out
-
-
 def grouped_query_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float
 ) -> np.ndarray:
@@ -113,24 +81,14 @@ def grouped_query_attention(
     q: ``(B, H, T, D)``; k, v: ``(B, K, S, D)``; mask: bool ``(T, S)``, True = visible.
     Returns ``(B, H, T, D)``.
 
-    Query head ``h = kv * G + g`` uses KV head ``kv = h // G``. Reshaping q to
-    ``(B, K, G*T, D)`` stacks the G query heads of each group as extra *rows*, so one
-    matrix product per KV head scores them all, and k, v are never repeated in memory.
+    Query head ``h = kv * G + g`` uses KV head ``kv = h // G``: reshaping q to
+    ``(B, K, G, T, D)`` puts the G query heads of each group on an axis of their own, and
+    k, v with a length-1 axis there are broadcast across it, never repeated in memory.
 
-    The scores are the one big array here, ``(B, H, T, S)``, and every pass over it costs
-    time (on a long prompt, most of the prefill's time outside the matrix products). So the
-    arithmetic is arranged to touch it as few times as possible, without changing the result
-    beyond float32 round-off (the HF tests hold to 1e-5):
-
-    * the scale multiplies the ``(T, D)`` queries instead of the ``(T, S)`` scores:
-      ``(q * scale) · k = (q · k) * scale``;
-    * the softmax's division by the row sum is done on the ``(T, D)`` output instead of
-      the ``(T, S)`` probabilities: ``(P / l) · v = (P · v) / l``, where ``l`` is the sum
-      of each row of ``P`` (flash attention does the same);
-    * the mask pass is skipped when every key is visible (decoding one token).
-
-    What is left: the product writes the scores, then max, subtract, exp, sum, and the
-    product with v reads them — the textbook :func:`softmax` would add two more passes.
+    Masked scores are *replaced* by -inf rather than shifted by a large negative number
+    (HF adds finfo.min): then a hidden key's score is irrelevant, however large, and its
+    weight after the softmax is exactly 0. A row with *no* visible key would become NaN
+    (max = -inf), but every query sees at least itself.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -138,25 +96,12 @@ def grouped_query_attention(
     assert mask.shape == (T, S) and mask.dtype == bool, f"mask {mask.shape} {mask.dtype}, expected ({T}, {S})"
     G = H // K
 
-    q = (q * np.float32(scale)).reshape(B, K, G * T, D)  # (B, K, G*T, D): rows are (g, t) pairs of one KV group
-    scores = q @ k.transpose(0, 1, 3, 2)  # (B, K, G*T, S), already scaled; a new array we may overwrite
-
-    # Masked scores are *replaced* by -inf rather than shifted by a large negative number
-    # (HF adds finfo.min): then a masked key's score is irrelevant, however large, and its
-    # weight after the softmax is exactly 0. -inf would turn a row with *no* visible key
-    # into NaN (max = -inf, -inf - -inf = NaN), but here every query sees at least itself.
-    if not mask.all():
-        # in place, viewed as (B, K, G, T, S) so that the (T, S) mask broadcasts
-        np.copyto(scores.reshape(B, K, G, T, S), -np.inf, where=~mask)
-
-    # The softmax's numerator, in place (see `softmax` for why the row maximum goes first).
-    scores -= scores.max(axis=-1, keepdims=True)  # (B, K, G*T, S), every row's maximum now 0
-    weights = np.exp(scores, out=scores)  # (B, K, G*T, S): unnormalised, in (0, 1]; masked keys exactly 0
-    row_sums = weights.sum(axis=-1, keepdims=True)  # (B, K, G*T, 1), each >= 1
-
-    out = weights @ v  # (B, K, G*T, D)
-    out /= row_sums  # the softmax's division, done on D columns instead of S
-    return out.reshape(B, H, T, D)  # (B, H, T, D): back to one row block per query head
+    q = q.reshape(B, K, G, T, D)  # (B, K, G, T, D): query head h = kv * G + g
+    k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, S, D): one KV head for the G query heads of its group
+    scores = q @ k.swapaxes(-1, -2) * scale  # (B, K, G, T, S)
+    scores = np.where(mask, scores, -np.inf)  # (B, K, G, T, S): the (T, S) mask broadcasts
+    out = softmax(scores) @ v  # (B, K, G, T, D)
+    return out.reshape(B, H, T, D)  # (B, H, T, D)
 
 
 class Attention:
@@ -177,24 +122,18 @@ class Attention:
 
     def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, np.ndarray]):
         self.layer_idx = layer_idx
-        self.num_heads = H = config.num_attention_heads
-        self.num_kv_heads = K = config.num_key_value_heads
-        self.head_dim = D = config.head_dim
-        self.hidden_size = C = config.hidden_size
+        self.num_heads = config.num_attention_heads  # H
+        self.num_kv_heads = config.num_key_value_heads  # K
+        self.head_dim = D = config.head_dim  # D
+        self.hidden_size = config.hidden_size  # C
         self.window = config.window_for_layer(layer_idx)  # W, or None for full causal attention
         self.scaling = D**-0.5  # 1/sqrt(D) keeps q·k of unit-variance vectors at unit variance
-        # Queries per block of the score computation (see __call__); None: query_block_size.
+        # The fast path's queries per block (attention_fast); None: query_block_size picks.
         self.query_block: int | None = None
 
-        shapes = {
-            "q_proj.weight": (H * D, C),
-            "k_proj.weight": (K * D, C),
-            "v_proj.weight": (K * D, C),
-            "o_proj.weight": (C, H * D),
-        }
-        if config.qkv_bias:
-            shapes.update({"q_proj.bias": (H * D,), "k_proj.bias": (K * D,), "v_proj.bias": (K * D,)})
-        _check_weights(weights, shapes, f"attention of layer {layer_idx}")
+        check_tensors(
+            weights, attention_tensors(config), f"attention of layer {layer_idx}", dtype=np.dtype(np.float32)
+        )
 
         # The three projections read the same x, so they are fused into one matrix product:
         #     q = x @ q_proj.weight.T + q_proj.bias     (B, T, H*D)
@@ -221,7 +160,6 @@ class Attention:
         qkv = x @ self.qkv_weight.T  # (B, T, (H+2K)*D)
         if self.qkv_bias is not None:
             qkv += self.qkv_bias  # in place: qkv is ours
-        # Views of qkv's columns (np.split would do the same with more overhead per call).
         q = qkv[..., : H * D]  # (B, T, H*D)
         k = qkv[..., H * D : (H + K) * D]  # (B, T, K*D)
         v = qkv[..., (H + K) * D :]  # (B, T, K*D)
@@ -234,57 +172,87 @@ class Attention:
             k, v = cache.update(k, v)  # (B, K, S, D): cached + new
         S = k.shape[2]
 
-        if T == 1 and (self.window is None or S <= self.window):
-            # Decoding one token, once per generated token: it sees every key held, so the
-            # mask is all True and there is a single block. Going straight to the product
-            # skips causal_mask and the block loop, about ten NumPy calls per layer; each
-            # costs 5-10 us right after a matrix product has flushed the CPU caches, and
-            # together they were ~1 ms of a ~100 ms token on the 0.5B model (measured A/B).
-            visible = np.ones((1, S), dtype=bool)  # (1, S): every key
-            out = grouped_query_attention(q, k, v, visible, self.scaling)  # (B, H, 1, D)
+        if fastpath.enabled():  # the same numbers in fewer passes over the scores (below)
+            out = attention_fast(q, k, v, self.scaling, self.window, self.query_block)  # (B, H, T, D)
         else:
-            out = self._attend_in_blocks(q, k, v)  # (B, H, T, D)
+            mask = causal_mask(T, S, self.window)  # (T, S), aligned to the end
+            out = grouped_query_attention(q, k, v, mask, self.scaling)  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
         out = out @ self.o_proj_weight.T  # (B, T, C)
         assert out.dtype == np.float32, out.dtype
         return out
 
-    def _attend_in_blocks(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Attention of T queries ``(B, H, T, D)``, the last T of the S keys and values
-        ``(B, K, S, D)``, computed a block of queries at a time. Returns ``(B, H, T, D)``."""
-        B, H, T, D = q.shape
-        S = k.shape[2]
-        out = np.empty((B, H, T, D), dtype=np.float32)  # (B, H, T, D)
-        block = self.query_block or query_block_size(H, S)
-        for t0 in range(0, T, block):
-            # Queries in blocks of `block` rows (one block for a short prompt): a block's scores,
-            # (B, H, rows, S), stay small enough for the CPU's caches (query_block_size).
-            # Block [t0, t1) sits at absolute positions S - T + t0 .. S - T + t1 - 1, so no
-            # row of it sees a key at or after S - T + t1: those columns are left out instead
-            # of masked, which skips almost half of a prompt's scores. The result is the same
-            # up to round-off.
-            t1 = min(t0 + block, T)
-            S_visible = S - T + t1  # keys 0 .. S_visible - 1 exist for this block
-            mask = causal_mask(t1 - t0, S_visible, self.window)  # (t1 - t0, S_visible), end-aligned
-            out[:, :, t0:t1] = grouped_query_attention(
-                q[:, :, t0:t1], k[:, :, :S_visible], v[:, :, :S_visible], mask, self.scaling
-            )  # (B, H, t1 - t0, D)
-        return out
+
+# ------------------------------------------------------------------ fast path
+# attention_fast computes what causal_mask + grouped_query_attention compute, to float32
+# round-off (tests/test_attention.py::test_fast_attention_equals_reference), touching the
+# (T, S) scores as few times as possible: on a long prompt, passes over the scores are most
+# of the prefill's time outside the matrix products. Why each trick: lesson 07.
+
+#: How many bytes of attention scores one block of queries may hold (:func:`query_block_size`).
+#: A block's scores are passed over five times (written, max, subtract, exp, sum) and read
+#: once more; a block that fits in the CPU's caches (a few MB of L2/L3) makes those passes
+#: several times faster than one that spills to memory.
+SCORE_BLOCK_BYTES = 2 * 2**20
+#: Fewer queries per block than this and Python's per-block overhead (~20 NumPy calls)
+#: costs more than the smaller block saves.
+MIN_QUERY_BLOCK = 16
 
 
-def _check_weights(
-    weights: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], where: str
-) -> None:
-    """Every expected tensor present with its shape, nothing else: else a WeightsError."""
-    missing = sorted(set(shapes) - set(weights))
-    extra = sorted(set(weights) - set(shapes))
-    if missing or extra:
-        raise WeightsError(
-            f"{where}: expected tensors {sorted(shapes)}; missing {missing or 'none'}, unexpected {extra or 'none'}"
-        )
-    for name, shape in shapes.items():
-        w = weights[name]
-        if tuple(w.shape) != shape or w.dtype != np.float32:
-            raise WeightsError(
-                f"{where}: tensor {name!r} is {w.dtype} {tuple(w.shape)}, expected float32 {shape}"
-            )
+def query_block_size(num_heads: int, S: int) -> int:
+    """Queries per block so that a block's ``(num_heads, rows, S)`` float32 scores fit in
+    :data:`SCORE_BLOCK_BYTES` — but at least :data:`MIN_QUERY_BLOCK` rows."""
+    return max(MIN_QUERY_BLOCK, SCORE_BLOCK_BYTES // (num_heads * S * 4))
+
+
+def attention_fast(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    window: int | None = None,
+    block: int | None = None,
+) -> np.ndarray:
+    """Causal GQA of T queries ``(B, H, T, D)``, the last T of the S keys and values
+    ``(B, K, S, D)``, a block of ``block`` queries at a time (None: :func:`query_block_size`).
+    Returns ``(B, H, T, D)``: ``grouped_query_attention(q, k, v, causal_mask(T, S, window), scale)``."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    assert k.shape == v.shape == (B, K, S, D) and H % K == 0 and T <= S, (
+        f"q {q.shape}, k {k.shape}, v {v.shape}"
+    )
+    block = block or query_block_size(H, S)
+    if T <= block:  # one block (always when decoding): no output array to fill
+        return _attend_block(q, k, v, scale, window)  # (B, H, T, D)
+    out = np.empty((B, H, T, D), dtype=np.float32)  # (B, H, T, D)
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        # Blocks of queries: a block's (B, H, rows, S) scores stay in the CPU's caches.
+        # No row of block [t0, t1) sees a key at or after S - T + t1: those columns are
+        # left out instead of masked, which skips almost half of a prompt's scores.
+        S_visible = S - T + t1
+        out[:, :, t0:t1] = _attend_block(
+            q[:, :, t0:t1], k[:, :, :S_visible], v[:, :, :S_visible], scale, window
+        )  # (B, H, t1 - t0, D)
+    return out
+
+
+def _attend_block(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int | None
+) -> np.ndarray:
+    """One block: R queries ``(B, H, R, D)``, the last R of the S keys ``(B, K, S, D)``."""
+    B, H, R, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    # The scale on the (R, D) queries, not the (R, S) scores: (q * s) · k = (q · k) * s.
+    q = (q * np.float32(scale)).reshape(B, K, G * R, D)  # (B, K, G*R, D): a group's heads as rows
+    scores = q @ k.transpose(0, 1, 3, 2)  # (B, K, G*R, S): a new array we may overwrite
+    if R > 1 or (window is not None and S > window):  # else one query seeing every key (decoding): no mask
+        # -inf written in place through a (B, K, G, R, S) view: no second scores array
+        np.copyto(scores.reshape(B, K, G, R, S), -np.inf, where=~causal_mask(R, S, window))
+    scores -= scores.max(axis=-1, keepdims=True)  # in place: no new array for the shifted scores
+    weights = np.exp(scores, out=scores)  # (B, K, G*R, S): in place, unnormalised
+    row_sums = weights.sum(axis=-1, keepdims=True)  # (B, K, G*R, 1)
+    out = weights @ v  # (B, K, G*R, D)
+    out /= row_sums  # the softmax's division on D columns instead of S: (P / l) · v = (P · v) / l
+    return out.reshape(B, H, R, D)  # (B, H, R, D)

@@ -40,7 +40,7 @@ def load_model(
 ) -> Any:
     """Load only the model (see :func:`load`)."""
     from minqwen2.config import Qwen2Config
-    from minqwen2.registry import resolve_model
+    from minqwen2.paths import resolve_model
 
     path = resolve_model(model)
     backend = backend or default_backend()
@@ -48,7 +48,9 @@ def load_model(
         raise MinQwen2Error(f"backend {backend!r} is not supported; expected one of {list(BACKENDS)}")
     if backend == "mlx":
         if not _mlx_backend_available():
-            raise MinQwen2Error("the MLX backend needs the mlx package (pip install mlx, or 'mlx[cpu]' on Linux); or use backend='numpy'")
+            raise MinQwen2Error(
+                "the MLX backend needs the mlx package (pip install mlx, or 'mlx[cpu]' on Linux); or use backend='numpy'"
+            )
         from minqwen2.model_mlx import load_mlx_model
 
         return load_mlx_model(path, dtype=dtype, bits=bits)
@@ -60,13 +62,16 @@ def load_model(
         )
     if bits is not None:
         raise MinQwen2Error(f"bits={bits} needs the MLX backend; the NumPy backend runs float32 weights")
+    from minqwen2 import fastpath
     from minqwen2.model import Qwen2Model
     from minqwen2.weights import load_weights
 
     config = Qwen2Config.from_file(path / "config.json")
     # mmap=False: every weight in ordinary (huge-page) memory, read once; see weights.py.
-    # The lm_head is read column-major, as the model keeps it (model.py says why).
-    return Qwen2Model(config, load_weights(path, config, mmap=False, column_major=("lm_head.weight",)))
+    # The memory layout for BLAS is fastpath.py's: some matrices read column-major from
+    # the file, the rest laid out once the model is built.
+    weights = load_weights(path, config, mmap=False, column_major=fastpath.COLUMN_MAJOR_READS)
+    return fastpath.apply_blas_layout(Qwen2Model(config, weights))
 
 
 def load(
@@ -87,7 +92,7 @@ def load(
 
     A checkpoint without tokenizer files loads with ``tokenizer=None``.
     """
-    from minqwen2.registry import resolve_model
+    from minqwen2.paths import resolve_model
     from minqwen2.tokenizer import load_tokenizer
 
     path = resolve_model(model)

@@ -12,7 +12,8 @@ F-vector that, through SiLU, decides how much of each up-projected feature passe
 projections), so the MLP maps the zero vector to zero.
 
 The same block, with its own widths, serves as each expert of the Qwen2-MoE layer and as
-its shared expert (``moe.py``).
+its shared expert (``moe.py``). The module ends with a fast path (:func:`silu_mul_fast`,
+the same numbers with fewer new arrays); :mod:`minqwen2.fastpath` says which runs.
 
 Shape legend: C hidden size, F intermediate (MLP) width; ``...`` any leading axes
 (B batch, T tokens).
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from minqwen2 import fastpath
+
 
 def silu(x: np.ndarray) -> np.ndarray:
     """SiLU (a.k.a. swish): ``x * sigmoid(x) = x / (1 + exp(-x))``. Shape-preserving.
@@ -31,16 +34,9 @@ def silu(x: np.ndarray) -> np.ndarray:
     For x below about -88, ``exp(-x)`` overflows float32 to ``inf`` and ``x / inf`` is
     ``-0.0`` — exactly the limit of silu, so the overflow is harmless and its warning is
     silenced rather than worked around.
-
-    Written as four in-place steps on one new array, rather than ``x / (1 + np.exp(-x))``,
-    which allocates an array per operation: the same numbers, one allocation instead of
-    three (for a 512-token prefill each is a 10 MB array the kernel must zero first).
     """
     with np.errstate(over="ignore"):
-        out = np.negative(x)  # -x, the one new array
-        np.exp(out, out=out)  # exp(-x)
-        out += np.float32(1.0)  # 1 + exp(-x)
-        return np.divide(x, out, out=out)  # x / (1 + exp(-x))
+        return x / (1 + np.exp(-x))
 
 
 class MLP:
@@ -56,20 +52,11 @@ class MLP:
         down = np.asarray(weights["down_proj.weight"], dtype=np.float32)  # (C, F)
         assert gate.shape == up.shape and down.shape == gate.shape[::-1], (gate.shape, up.shape, down.shape)
         self.hidden_size, self.intermediate_size = gate.shape[1], gate.shape[0]
-        # gate and up read the same x, so they are one matmul against the stacked weights:
-        # rows [:F] are gate_proj, rows [F:] are up_proj. Unfused, this is
+        # gate and up read the same x, so they are one matrix product against the stacked
+        # weights: rows [:F] are gate_proj, rows [F:] are up_proj. Unfused, this is
         #     gate, up = x @ gate.T, x @ up.T
-        # One BLAS call instead of two, one pass over x, and for a prompt a wider product,
-        # which BLAS runs a little more efficiently. The weights are copied once, at load.
-        #
-        # Stored column-major (Fortran order): the same (2F, C) matrix, but laid out as its
-        # transpose (C, 2F) is in row-major order, so `x @ gate_up_proj.T` multiplies by a
-        # contiguous matrix. For one token that picks OpenBLAS's "no-transpose"
-        # matrix-vector kernel, which streams this wide matrix faster than the other:
-        # 2.07 -> 1.74 ms per layer on our 2-core test machine, ~8 ms of a ~125 ms decode
-        # step. (down_proj, (C, F), and the attention projections measured the other way
-        # round: they stay row-major.)
-        self.gate_up_proj = np.asfortranarray(np.concatenate([gate, up], axis=0))  # (2F, C), column-major
+        # One product instead of two, one pass over x; the weights are copied once, at load.
+        self.gate_up_proj = np.concatenate([gate, up], axis=0)  # (2F, C)
         self.down_proj = down  # (C, F)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -77,8 +64,27 @@ class MLP:
         gate_up = x @ self.gate_up_proj.T  # (..., 2F)
         F = self.intermediate_size
         gate, up = gate_up[..., :F], gate_up[..., F:]  # (..., F) each, views
-        hidden = silu(gate)  # (..., F), a new array ...
-        hidden *= up  # ... gated in place
+        if fastpath.enabled():
+            hidden = silu_mul_fast(gate, up)  # (..., F): the same numbers, one new array (below)
+        else:
+            hidden = silu(gate) * up  # (..., F)
         out = hidden @ self.down_proj.T  # (..., F) -> (..., C)
         assert out.shape == x.shape and out.dtype == np.float32
+        return out
+
+
+# ------------------------------------------------------------------ fast path
+# The same float32 operations in the same order as `silu(gate) * up`, so the same bits
+# (tests/test_mlp.py::test_fast_swiglu_equals_reference); why it pays: lesson 07.
+
+
+def silu_mul_fast(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` in five in-place steps on one new array: one ``(..., F)``
+    allocation instead of five (one per operation of the reference)."""
+    with np.errstate(over="ignore"):
+        out = np.negative(gate)  # -gate, the one new array
+        np.exp(out, out=out)  # exp(-gate)
+        out += np.float32(1.0)  # 1 + exp(-gate)
+        np.divide(gate, out, out=out)  # silu(gate)
+        out *= up  # silu(gate) * up
         return out

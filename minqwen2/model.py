@@ -93,26 +93,16 @@ class Qwen2Model:
     """``Qwen2ForCausalLM`` / ``Qwen2MoeForCausalLM`` in NumPy (float32).
 
     Build it with :func:`minqwen2.load_model` (from a directory) or directly from a
-    config and a dict of float32 arrays keyed by HF's names.
+    config and a dict of float32 arrays keyed by HF's names. The loader also lays the
+    widest matrices out for BLAS (:func:`minqwen2.fastpath.apply_blas_layout`): the same
+    logits to float32 round-off, a faster decode step.
     """
 
     def __init__(self, config: Qwen2Config, weights: Mapping[str, np.ndarray]) -> None:
         self.config = config
-        # The lm_head is the largest matrix (V = 151,936 rows: 544 MB of the 0.5B model's
-        # 2.5 GB), read once per decoded token. Stored column-major (Fortran order) — the
-        # same (V, C) matrix, laid out as its transpose — `x @ lm_head.T` multiplies by a
-        # contiguous (C, V) matrix, and OpenBLAS's "no-transpose" matrix-vector kernel
-        # streams it faster: 33.8 -> 28.6 ms per token on our 2-core test machine (mlp.py
-        # does the same for gate_up_proj). The loader reads it column-major straight from
-        # the file (weights.read_tensor_column_major); anything else is converted here.
-        lm_head = weights["lm_head.weight"]  # (V, C)
-        embed_tokens = weights["model.embed_tokens.weight"]  # (V, C)
-        tied = lm_head is embed_tokens  # tied models (0.5B, 1.5B): the loader hands us one array
-        self.lm_head = np.asfortranarray(lm_head)  # (V, C), column-major; no copy if it already is
-        # The embedding is a row lookup, slower on a column-major table (a row's C numbers
-        # lie V apart: ~6 ms instead of ~1 ms for 512 tokens) but done once per token, so a
-        # tied model keeps the one column-major array rather than a second, row-major copy.
-        self.embed_tokens = self.lm_head if tied else embed_tokens  # (V, C)
+        self.embed_tokens = weights["model.embed_tokens.weight"]  # (V, C)
+        # Tied models (0.5B, 1.5B): the loader hands over one array under both names.
+        self.lm_head = weights["lm_head.weight"]  # (V, C)
         self.rotary_emb = RotaryEmbedding(config)
         self.layers = [
             DecoderLayer(config, i, submodule(weights, f"model.layers.{i}."))

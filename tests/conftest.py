@@ -78,7 +78,7 @@ def real_hf_model(real_model_dir):
 
 @pytest.fixture(scope="session")
 def real_model(real_model_dir):
-    """minqwen2's NumPy model on the default model (float32, memory-mapped weights)."""
+    """minqwen2's NumPy model on the default model (float32, weights read into memory, as `minqwen2.load` does)."""
     import minqwen2
 
     model = minqwen2.load_model(real_model_dir, backend="numpy")

@@ -20,6 +20,9 @@ file, and every attribute of every loaded ``minqwen2`` module that *is* one of t
 replaced objects is set to the exercise's version. Test files and package modules that
 are imported later read the patched attributes. From then on the tests, the model and
 the debugger all run your code; ``pytest`` prints which names were replaced in its header.
+The components' fast forms are switched off while an exercise is installed (the reference
+functions run, as with ``MINQWEN2_REFERENCE=1``; see ``minqwen2/fastpath.py``): a fast form
+would otherwise compute attention, SiLU or RMSNorm without calling your function.
 
 The reference solution is the package itself: without ``--exercise`` the same command
 checks ``minqwen2``.
@@ -63,7 +66,10 @@ class Exercise:
     def describe(self) -> str:
         names = ", ".join(f"{self.target}.{n}" for n in self.names)
         n = len(self.patched)
-        return f"exercise: {self.path} replaces {names} ({n} reference{'s' if n != 1 else ''} patched)"
+        return (
+            f"exercise: {self.path} replaces {names} ({n} reference{'s' if n != 1 else ''} patched); "
+            "fast path off: the model runs the reference functions, yours among them"
+        )
 
 
 def resolve_path(value: str) -> Path:
@@ -122,6 +128,14 @@ def install_exercise(path: Path) -> Exercise:
             if hit is not None and hit[0] is value:
                 setattr(mod, attr, hit[1])
                 patched.append(f"{mod_name}.{attr}")
+            # Class attributes too: e.g. ``KVCache.layer_class`` names the layer cache it
+            # builds, so exercise 07's LayerKVCache must replace it there as well.
+            if isinstance(value, type) and value.__module__ == mod_name:
+                for cls_attr, cls_value in list(vars(value).items()):
+                    hit = replacements.get(id(cls_value))
+                    if hit is not None and hit[0] is cls_value:
+                        setattr(value, cls_attr, hit[1])
+                        patched.append(f"{mod_name}.{attr}.{cls_attr}")
     return Exercise(path, target_name, tuple(names), module, tuple(patched), originals)
 
 
@@ -146,6 +160,11 @@ def pytest_configure(config: pytest.Config) -> None:
     value = config.getoption("--exercise", default=None) or os.environ.get(ENV_VAR) or None
     if value and _installed is None:
         _installed = install_exercise(resolve_path(value))
+        # The components' fast forms (minqwen2/fastpath.py) would bypass the reference
+        # functions the exercise replaces: switch them off, so the model runs yours.
+        from minqwen2 import fastpath
+
+        fastpath.use_reference(True)
         _skip_shrinking()
 
 

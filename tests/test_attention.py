@@ -12,6 +12,10 @@ of order sqrt(n) * eps * |terms| with eps = 1.2e-7, i.e. around 1e-6 at most. Me
 over 500 generated cases (eager and sdpa, with and without cache): max |Δ| = 6.6e-7,
 median 1.3e-7. Any real error — a wrong head pairing, a mask off by one, a missing bias
 — is O(0.1) or more.
+
+The HF comparisons run the default path, the fast one (``minqwen2/fastpath.py``); the
+explicit sliding-window cases run the reference path too, and a property test checks that
+the two forms agree on generated shapes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from transformers.masking_utils import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeAttention, Qwen2MoeRotaryEmbedding
 
-from minqwen2.attention import Attention, causal_mask, grouped_query_attention
+from minqwen2 import fastpath
+from minqwen2.attention import Attention, attention_fast, causal_mask, grouped_query_attention
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import WeightsError
 from minqwen2.kv_cache import LayerKVCache
@@ -222,7 +227,10 @@ def test_cached_decoding_matches_hf_dynamic_cache(case, impl, B, chunks, capacit
     ],
 )
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_sliding_window_layers_match_hf(model_type, layer_idx, slides, impl):
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_sliding_window_layers_match_hf(model_type, layer_idx, slides, impl, path):
+    """Prefill longer than the window, then decoding, through a cache that grows; both the
+    fast path and the reference (causal_mask + grouped_query_attention)."""
     d = dict(
         model_type=model_type,
         vocab_size=257,
@@ -245,7 +253,12 @@ def test_sliding_window_layers_match_hf(model_type, layer_idx, slides, impl):
         with torch.no_grad():
             mask = hf_mask(cfg, layer_idx, xt, hf_cache)
             expected, _ = hf(xt, position_embeddings=(cos, sin), attention_mask=mask, cache=hf_cache)
-        np.testing.assert_allclose(ours(x, cos_np, sin_np, cache), expected.numpy(), **TOL)
+        if path == "reference":
+            with fastpath.reference():
+                got = ours(x, cos_np, sin_np, cache)
+        else:
+            got = ours(x, cos_np, sin_np, cache)
+        np.testing.assert_allclose(got, expected.numpy(), **TOL)
         past += T
 
 
@@ -405,6 +418,40 @@ def test_cache_chunking_and_rewind_do_not_change_outputs(case, T, capacity, data
     cache.rewind(r)
     x[:, r:] = random_x(rng, 2, T - r, d["hidden_size"])
     np.testing.assert_allclose(run(cache, [r, T]), ours(x, cos, sin)[:, r:], atol=1e-5, rtol=1e-5)
+
+
+@given(
+    B=st.integers(1, 2),
+    K=st.integers(1, 3),
+    G=st.integers(1, 3),
+    D=st.sampled_from([2, 4, 6, 8, 12]),
+    T=st.integers(1, 13),
+    cached=st.integers(0, 11),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    block=st.one_of(st.none(), st.integers(1, 7)),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_attention_equals_reference(B, K, G, D, T, cached, window, block, seed):
+    """``attention_fast`` == ``grouped_query_attention`` with ``causal_mask``: GQA (K < H),
+    queries shorter than the keys (a cache offset), sliding windows, and query blocks
+    smaller than T (so several blocks, each leaving out the keys none of it sees).
+
+    Same inputs, same formula; what differs is where the rounding happens: the scale
+    multiplies q instead of the scores (each score's rounding moves by an ulp), the
+    softmax's division happens after ``· v``, and the matrix products have other shapes.
+    With q, k, v standard normal the scores are O(1) (at most ~5), the outputs weighted
+    means of O(1) values, and each of these shifts is a few float32 eps (1.2e-7) of them:
+    measured over 3,000 random cases, max |Δ| = 8.5e-7. ``atol = rtol = 1e-5`` as for HF;
+    a block at the wrong offset or a mask off by one is O(0.1).
+    """
+    rng = np.random.default_rng(seed)
+    S, H = cached + T, K * G
+    q = rng.standard_normal((B, H, T, D), dtype=np.float32)
+    k, v = rng.standard_normal((2, B, K, S, D), dtype=np.float32)
+    expected = grouped_query_attention(q, k, v, causal_mask(T, S, window), D**-0.5)  # (B, H, T, D)
+    got = attention_fast(q, k, v, D**-0.5, window, block)
+    assert got.shape == (B, H, T, D) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, **TOL)
 
 
 # --------------------------------------------------------------------------- bad weights

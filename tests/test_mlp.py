@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from helpers import hf_config
 from hypothesis import given
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 from strategies import qwen2_config_dicts
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from minqwen2.mlp import MLP, silu
+from minqwen2 import fastpath
+from minqwen2.mlp import MLP, silu, silu_mul_fast
 
 BUDGET = 2e-6  # relative to the first-order rounding bound, see the module docstring
 
@@ -114,3 +116,43 @@ def test_tokens_are_independent(d, seed):
     together = mlp(x)
     alone = np.stack([np.stack([mlp(x[b, t][None])[0] for t in range(4)]) for b in range(2)])
     assert np.all(np.abs(together - alone) <= BUDGET * rounding_magnitude(x, weights))
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+@given(
+    st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from((0.1, 1.0, 30.0, 1e4)),
+)
+def test_fast_swiglu_equals_reference(exercise, lead, seed, scale):
+    """``silu_mul_fast(gate, up)`` == ``silu(gate) * up`` bit for bit, and a whole MLP on the
+    fast path == the same MLP on the reference path, bit for bit.
+
+    Tolerance zero: the fast form performs the same float32 operations (negate, exp, add 1,
+    divide, multiply) in the same order, only writing each result into one array, so every
+    rounding is the same. Scales up to 1e4 reach the overflow of ``exp(-x)`` (x < -88.7).
+
+    Skipped while an exercise is installed: it compares the package's own two forms, and
+    a correct exercise may round differently (it is checked against HF above).
+    """
+    if exercise is not None:
+        pytest.skip("compares the package's fast and reference forms")
+    rng = np.random.default_rng(seed)
+    gate, up = (rng.standard_normal((2, *lead)) * scale).astype(np.float32)  # (..., F) each
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from either form
+        np.testing.assert_array_equal(silu_mul_fast(gate, up), silu(gate) * up)
+
+    C, F = 2 * lead[-1] + 7, 3 * lead[-1] + 2  # odd, distinct widths
+    mlp = MLP({
+        "gate_proj.weight": rng.standard_normal((F, C), dtype=np.float32),
+        "up_proj.weight": rng.standard_normal((F, C), dtype=np.float32),
+        "down_proj.weight": rng.standard_normal((C, F), dtype=np.float32),
+    })  # fmt: skip
+    x = (rng.standard_normal((*lead, C)) * scale / np.sqrt(C)).astype(np.float32)  # (..., C)
+    fast = mlp(x)
+    with fastpath.reference():
+        reference = mlp(x)
+    np.testing.assert_array_equal(fast, reference)

@@ -18,7 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minqwen2
+from minqwen2 import fastpath
 from minqwen2.config import Qwen2Config
+from minqwen2.mlp import MLP
 from minqwen2.model import Qwen2Model
 from minqwen2.weights import load_weights
 
@@ -85,26 +87,59 @@ def test_logits_match_hf(pair):
 
 
 def test_lm_head_is_column_major_and_a_tie_stays_one_array(pair):
-    """The loader reads the head column-major (model.py: a faster matrix-vector product);
-    a tied model's embedding is that same array, never a second copy."""
+    """The loader lays the head out column-major (fastpath.py: a faster matrix-vector
+    product); a tied model's embedding is that same array, never a second copy."""
     ours, _ = pair
     assert ours.lm_head.flags.f_contiguous and ours.lm_head.shape == (ours.config.vocab_size, ours.config.hidden_size)
     assert (ours.embed_tokens is ours.lm_head) == ours.config.tie_word_embeddings
+    # ... and every SwiGLU MLP's fused gate_up_proj (a MoE layer's shared expert too)
+    mlps = [m for layer in ours.layers for m in (layer.mlp, getattr(layer.mlp, "shared_expert", None))]
+    assert all(m.gate_up_proj.flags.f_contiguous for m in mlps if isinstance(m, MLP))
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_model_from_row_major_arrays(tmp_path, tied):
-    """Built from plain row-major arrays (memory-mapped), the head becomes column-major, a
-    tied pair still one array, and the logits are the loader-built model's, bit for bit."""
+    """Built from plain row-major arrays (memory-mapped), the model keeps them as they are
+    (a tied pair one array) and gives the loader-built model's logits to float32 round-off
+    (the memory order changes only the order BLAS adds the products in); after
+    fastpath.apply_blas_layout, the loader's layout step, the head is column-major, a tied
+    pair still one array, and the logits are the loader-built model's, bit for bit."""
     save_hf_checkpoint(random_hf_model({**TINY_DENSE, "tie_word_embeddings": tied}, seed=3), tmp_path)
     config = Qwen2Config.from_file(tmp_path / "config.json")
     weights = load_weights(tmp_path, config)  # row-major maps of the file
     assert weights["lm_head.weight"].flags.c_contiguous
     model = Qwen2Model(config, weights)
-    assert model.lm_head.flags.f_contiguous
+    assert model.lm_head is weights["lm_head.weight"]  # no layout decision in the model
     assert (model.embed_tokens is model.lm_head) == tied
     ids = np.arange(9) % config.vocab_size
-    np.testing.assert_array_equal(model(ids), minqwen2.load_model(tmp_path, backend="numpy")(ids))
+    loaded = minqwen2.load_model(tmp_path, backend="numpy")(ids)
+    np.testing.assert_allclose(model(ids), loaded, rtol=0, atol=ATOL)
+
+    assert fastpath.apply_blas_layout(model) is model
+    assert model.lm_head.flags.f_contiguous
+    assert all(layer.mlp.gate_up_proj.flags.f_contiguous for layer in model.layers)
+    assert (model.embed_tokens is model.lm_head) == tied
+    np.testing.assert_array_equal(model(ids), loaded)
+
+
+def test_hf_comparisons_run_the_fast_path(exercise):
+    """The tests above run the default, fast path (the exercise switch turns it off, so that
+    an exercise's functions run); test_reference_path_matches_hf runs the reference."""
+    assert fastpath.enabled() == (exercise is None)
+
+
+def test_reference_path_matches_hf(pair):
+    """The reference forms (fastpath.reference()): the same HF logits at the same tolerance,
+    without and with a cache (prefill, then chunks and single tokens)."""
+    ours, hf = pair
+    ids = np.random.default_rng(4).integers(0, ours.config.vocab_size, size=(2, 13))
+    expected = hf_logits(hf, ids)
+    with fastpath.reference():
+        np.testing.assert_allclose(ours(ids), expected, rtol=0, atol=ATOL)
+        cache = ours.make_cache(batch_size=2, capacity=3)  # grows
+        cuts = [0, 6, 7, 11, 13]
+        steps = [ours(ids[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:], strict=False)]
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, rtol=0, atol=ATOL)
 
 
 def test_cache_whole_vs_token_by_token_vs_chunks(pair):

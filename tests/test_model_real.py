@@ -18,8 +18,8 @@ PROMPTS = {
     "code": "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    pivot = xs[0]\n",
 }
 
-# HF itself differs by 2e-5 between its eager and sdpa attention on this model (shared
-# reference §1): 24 layers of float32 round-off on logits of magnitude ~30. 1e-4 is that
+# HF itself differs by 2e-5 between its eager and sdpa attention on this model (docs/hf-semantics.md
+# §1): 24 layers of float32 round-off on logits of magnitude ~30. 1e-4 is that
 # spread with a margin of 5; a real bug moves logits by 1e-2 or more.
 ATOL = 1e-4
 

@@ -1,7 +1,8 @@
 """Exercise 02: RMSNorm, with Hugging Face's float32 semantics.
 
 Lesson: ``lessons/02_rmsnorm.py``. The reference solution is ``rms_norm`` in
-``minqwen2/rmsnorm.py``: try first, read it after.
+``minqwen2/rmsnorm.py``: try first, read it after. While the tests
+check an exercise, the model runs the reference functions, yours among them.
 
 Write ``rms_norm`` below, then check it with the same tests that check the package::
 

@@ -1,7 +1,9 @@
 """Exercise 04: the causal mask and grouped-query attention.
 
 Lesson: ``lessons/04_attention.py``. The reference solutions are ``causal_mask`` and
-``grouped_query_attention`` in ``minqwen2/attention.py``: try first, read after.
+``grouped_query_attention`` in ``minqwen2/attention.py`` (``attention_fast``, below the
+fast-path banner, is the same numbers tuned for speed): try first, read after. While the
+tests check an exercise, the attention layers run the reference functions, yours.
 
 Write both functions below, then check them with the same tests that check the package::
 

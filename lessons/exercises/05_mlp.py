@@ -1,7 +1,9 @@
 """Exercise 05: SiLU and the SwiGLU MLP.
 
 Lesson: ``lessons/05_swiglu.py``. The reference solutions are ``silu`` and ``MLP.__call__``
-in ``minqwen2/mlp.py``: try first, read after.
+in ``minqwen2/mlp.py`` (``silu_mul_fast``, below the fast-path banner, is the same numbers
+tuned for speed): try first, read after. While the tests check an exercise, the model runs
+the reference functions, yours among them.
 
 Write ``silu`` and ``MLP.__call__`` below (the weights are already loaded by the package's
 ``__init__``), then check them with the same tests that check the package::
