@@ -33,6 +33,7 @@ from transformers.generation.logits_process import (
 )
 
 import minqwen2
+from minqwen2.functional import softmax
 from minqwen2.paths import default_model_dir
 from minqwen2.sampling import (
     Sampler,
@@ -44,7 +45,6 @@ from minqwen2.sampling import (
     apply_top_p,
     process_logits,
     sample_from_logits,
-    softmax,
 )
 
 MODEL_DIR = default_model_dir()
@@ -101,8 +101,8 @@ save_figure(fig, "08_temperature")
 # default model. Batched generation would apply them row by row to `(B, V)`.
 #
 # **Read:** `minqwen2/sampling.py` (its docstring lists the chain and which tokens count as
-# "seen" in HF, mlx-lm and llama.cpp), then `Sampler` at its end and `minqwen2/generate.py`,
-# which calls it once per generated token.
+# "seen" in HF, mlx-lm and llama.cpp), then `Sampler` at its end and `decode_loop` in
+# `minqwen2/generate.py`, which calls it once per generated token.
 #
 # Each step against HF's processor, on the real row:
 

@@ -96,9 +96,12 @@ save_figure(fig, "12_cache_reuse")
 # **Shapes.** Token ids `(T,)`; the cache holds `(B, K, S, D)` keys and values per layer, with
 # `S = len(cache_ids)`; each decode step feeds `(1, 1)` and gets logits `(1, 1, V)`.
 #
-# **Read:** `minqwen2/chat.py` (the module docstring, then `ChatSession._decode`),
-# `apply_chat_template` and `StreamingDetokenizer` in `minqwen2/tokenizer.py`, and
-# `StopStringFilter` in `minqwen2/generate.py`.
+# **Read:** `minqwen2/chat.py` (the module docstring, then `ChatSession._stream`, which
+# rewinds the cache and runs `decode_loop` on it: the loop of `minqwen2/generate.py`, the
+# same one `minqwen2.generate` runs on a new cache), `apply_chat_template` and
+# `StreamingDetokenizer` in `minqwen2/tokenizer.py`, and `StopStringFilter` in
+# `minqwen2/generate.py`. The terminal around the session, `minqwen2 chat`, is
+# `minqwen2/tools/chat_app.py`.
 #
 # The template, rendered; the control tokens are single ids, never spelt out by BPE:
 

@@ -9,7 +9,7 @@ read by the model: its keys and values are in the KV cache. Each turn therefore 
     keep = common_prefix(ids, cache_ids)              what the cache already holds of it
     cache.rewind(keep)                                forget the rest
     prefill(ids[keep:])                               read only the new tokens
-    decode, token by token                            the reply (as in generate.py)
+    decode, token by token                            the reply (generate.decode_loop)
 
 Why compare tokens instead of trusting "we only appended a message"?
 
@@ -28,30 +28,31 @@ and of nothing else (``cache.offset == len(cache_ids)``).
 
 Ctrl-C may interrupt a reply anywhere, even between two layers of a forward pass. The
 cache's ``offset`` is then the number of tokens *every* layer holds (the early layers may
-be one step ahead); ``cache_ids`` is cut to that length and ``cache.rewind`` puts the
-layers back in step. The text shown so far becomes the assistant message, so history and
-cache describe the same conversation, and the chat goes on.
+be one step ahead); the decode loop's ``cache.rewind`` puts the layers back in step, and
+``cache_ids`` is cut to that length. The text shown so far becomes the assistant message,
+so history and cache describe the same conversation, and the chat goes on.
+
+The reply itself comes out of generate.py's :func:`~minqwen2.generate.decode_loop`, the
+loop ``minqwen2.generate`` runs too (same stop rules, same streamed text, the same MLX
+greedy hook), here on the session's long-lived cache instead of a new one.
 
 :class:`ChatSession` is the conversation and its cache, usable from Python and tested
-without a terminal. :class:`ChatApp` is the terminal around it (``minqwen2 chat``): it
-reads lines, runs the ``/commands``, and streams replies through rich.
+without a terminal; a conversation saves to and loads from a JSON file (``FILE_FORMAT``).
+The terminal application around it, ``minqwen2 chat``, is ``minqwen2/tools/chat_app.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from minqwen2.errors import MinQwen2Error
-from minqwen2.generate import PREFILL_CHUNK_SIZE, GenerationResponse, StopStringFilter, decode_step, prefill
-from minqwen2.sampling import GENERATION_CONFIG, Sampler, SamplingParams
+from minqwen2.generate import PREFILL_CHUNK_SIZE, GenerationResponse, decode_loop, model_defaults, prefill
+from minqwen2.sampling import SAMPLING_FIELDS, Sampler, SamplingParams
 
 
 class ChatError(MinQwen2Error, ValueError):
@@ -60,8 +61,6 @@ class ChatError(MinQwen2Error, ValueError):
 
 
 #: The settings ``/params`` shows and changes: the sampling fields, then two of the session's.
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty")  # fmt: skip
 PARAMS = (*SAMPLING_FIELDS, "max_tokens", "seed")
 
 #: ``"format"`` of a saved conversation file, and its version.
@@ -86,30 +85,26 @@ class TurnStats:
 
     ``prompt_tokens`` is the whole conversation as the model read it for this reply;
     ``reused_tokens`` of them were already in the KV cache, so only ``prefilled_tokens``
-    went through the prefill. ``finish_reason`` is one of generate.py's
-    ``FINISH_REASONS``, or ``"interrupted"`` (Ctrl-C).
+    went through the prefill. The speeds and ``finish_reason`` are those of the last
+    :class:`~minqwen2.generate.GenerationResponse` (one of generate.py's
+    ``FINISH_REASONS``), or ``"interrupted"`` (Ctrl-C, or the stream closed early).
     """
 
     prompt_tokens: int
     reused_tokens: int
-    prefill_seconds: float = 0.0
+    prefill_tps: float = 0.0
     generated_tokens: int = 0
-    decode_seconds: float = 0.0
+    decode_tps: float = 0.0
     finish_reason: str | None = None
 
     @property
     def prefilled_tokens(self) -> int:
         return self.prompt_tokens - self.reused_tokens
 
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        """Tokens/s of the decode steps; the first token comes out of the prefill (as in generate.py)."""
-        steps = self.generated_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+    def update(self, r: GenerationResponse) -> None:
+        """Take the counts and speeds of the latest response."""
+        self.prefill_tps, self.generated_tokens = r.prompt_tps, r.generation_tokens
+        self.decode_tps, self.finish_reason = r.generation_tps, r.finish_reason
 
 
 # ------------------------------------------------------------------------------ the session
@@ -151,15 +146,11 @@ class ChatSession:
         prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
         on_notice: Callable[[str], None] | None = None,
     ) -> None:
+        model_dir, sampling = model_defaults(model, sampling)
         if tokenizer is None:
-            raise ChatError(f"{self._dir(model) or 'the model'} has no tokenizer.json; a chat needs one")
+            raise ChatError(f"{model_dir or 'the model'} has no tokenizer.json; a chat needs one")
         self.model, self.tokenizer = model, tokenizer
-        model_dir = self._dir(model)
         self.model_name = model_dir.name if model_dir else "model"
-        if sampling is None:
-            sampling = SamplingParams.from_generation_config(
-                model_dir / GENERATION_CONFIG if model_dir else {}
-            )
         self.sampler = Sampler(sampling, seed)
         self._check_max_tokens(max_tokens)
         self.max_tokens = max_tokens
@@ -174,11 +165,6 @@ class ChatSession:
         self.cache = model.make_cache()  # grows as the conversation does
         self.cache_ids: list[int] = []  # the ids whose keys and values the cache holds
         self.last: TurnStats | None = None  # the last reply's costs
-
-    @staticmethod
-    def _dir(model: Any) -> Path | None:
-        source = Path(getattr(model.config, "source", "") or "")
-        return source.parent if source.name == "config.json" else None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -340,77 +326,43 @@ class ChatSession:
         """Add the (empty) reply to the history; return the stream that writes it."""
         message = {"role": "assistant", "content": ""}
         self.messages.append(message)
-        return self._decode(prompt_ids, message)
+        return self._stream(prompt_ids, message)
 
-    def _decode(self, prompt_ids: list[int], message: dict[str, str]) -> Iterator[GenerationResponse]:
-        """Prefill what the cache lacks of ``prompt_ids``, then decode the reply into ``message``.
+    def _stream(self, prompt_ids: list[int], message: dict[str, str]) -> Iterator[GenerationResponse]:
+        """Rewind the cache to what it shares with ``prompt_ids``, then run generate.py's
+        :func:`~minqwen2.generate.decode_loop` on it, writing the reply into ``message``.
 
-        The loop is generate.py's (same stopping rules, same streaming text), on the
-        session's long-lived cache instead of a fresh one. The ``finally`` block runs
-        however the reply ends — finished, closed by the caller, or interrupted by Ctrl-C
-        inside a forward pass — and brings the cache in line with what it holds.
+        The ``finally`` block runs however the reply ends — finished, closed by the caller,
+        or interrupted by Ctrl-C inside a forward pass. The loop has then left the cache
+        holding a prefix of ``fed``, every layer in step; ``cache_ids`` becomes that prefix.
         """
-        model, cache, context = self.model, self.cache, self.context_size
         # At least the last prompt token is read again, even when the cache holds it: its
         # logits are where the reply starts, and the cache keeps keys, not logits.
-        keep = min(common_prefix_length(self.cache_ids, prompt_ids), len(prompt_ids) - 1)
-        cache.rewind(keep)
-        del self.cache_ids[keep:]
-        sequence = list(prompt_ids)  # the ids being fed to the cache: the prompt, then the reply
+        self._rewind_to(prompt_ids[:-1])
+        keep = len(self.cache_ids)
         stats = self.last = TurnStats(prompt_tokens=len(prompt_ids), reused_tokens=keep)
-        eos = set(self.tokenizer.eos_token_ids)
-        detokenizer = self.tokenizer.detokenizer()
-        stops = StopStringFilter(self.stop)
-        generated: list[int] = []
+        fed = list(prompt_ids)  # the ids the cache is given: the prompt, then the reply's tokens
+        steps = decode_loop(
+            self.model, self.cache, prompt_ids, start=keep, sampler=self.sampler, tokenizer=self.tokenizer,
+            eos_token_ids=self.tokenizer.eos_token_ids, max_tokens=self.max_tokens, stop=self.stop,
+            prefill_chunk_size=self.prefill_chunk_size,
+        )  # fmt: skip
         try:
-            tic = time.perf_counter()
-            logits = prefill(model, cache, prompt_ids[keep:], self.prefill_chunk_size)  # (V,)
-            stats.prefill_seconds = time.perf_counter() - tic
-            token = self.sampler(logits, prompt_ids, generated)
-            while True:
-                generated.append(token)
-                text, finish_reason = "", None
-                if token in eos:
-                    finish_reason = "eos"
-                else:
-                    text, hit = stops.feed(detokenizer.add(token))
-                    finish_reason = "stop_string" if hit else None
-                if finish_reason is None and len(generated) == self.max_tokens:
-                    finish_reason = "max_tokens"
-                if finish_reason is None and len(prompt_ids) + len(generated) == context:
-                    finish_reason = "context"
-                if finish_reason in ("eos", "max_tokens", "context"):
-                    tail, hit = stops.feed(detokenizer.finish())
-                    text += tail if hit else tail + stops.flush()
-                message["content"] += text  # the text yielded so far: the reply, should it end here
-                stats.generated_tokens, stats.finish_reason = len(generated), finish_reason
-                yield GenerationResponse(
-                    token=token,
-                    text=text,
-                    finish_reason=finish_reason,
-                    prompt_tokens=stats.prompt_tokens,
-                    prompt_tps=stats.prefill_tps,
-                    generation_tokens=stats.generated_tokens,
-                    generation_tps=stats.decode_tps,
+            for r in steps:
+                message["content"] += r.text  # the text yielded so far: the reply, should it end here
+                stats.update(r)
+                fed.append(r.token)
+                yield r
+            if stats.finish_reason == "context":
+                self.notice(
+                    f"the reply filled the context ({self.context_size} tokens); the next message will "
+                    "drop the oldest turns"
                 )
-                if finish_reason is not None:
-                    if finish_reason == "context":
-                        self.notice(
-                            f"the reply filled the context ({context} tokens); the next message will "
-                            "drop the oldest turns"
-                        )
-                    return
-                tic = time.perf_counter()
-                sequence.append(token)  # before the forward pass: it may be cut short inside
-                logits = decode_step(model, cache, token)  # (V,)
-                token = self.sampler(logits, prompt_ids, generated)
-                stats.decode_seconds += time.perf_counter() - tic
         finally:
+            steps.close()  # decode_loop's own `finally` rewinds the cache, if it has not run yet
             if stats.finish_reason is None:
                 stats.finish_reason = "interrupted"
-            # What every layer holds (see the module docstring), and the layers back in step.
-            self.cache_ids = sequence[: cache.offset]
-            cache.rewind(len(self.cache_ids))
+            self.cache_ids = fed[: self.cache.offset]
 
     def _prefill_conversation(self) -> int:
         """Read the whole conversation into the cache now (after ``/load``); return how many
@@ -575,352 +527,3 @@ def _read_conversation(path: Path) -> dict[str, Any]:
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "sampling": sampling, "seed": seed, "max_tokens": max_tokens, "stop": stop,
             "token_ids": token_ids, "model": str(data.get("model", "?"))}  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ the terminal
-
-HELP = '''\
-/help                 this list
-/reset                start a new conversation (the system prompt stays)
-/system [TEXT]        show or set the system prompt
-/undo                 drop the last exchange
-/retry                answer the last message again
-/save FILE            save the conversation as JSON (messages, model, sampling settings)
-/load FILE            load a saved conversation
-/params [NAME VALUE]  show the settings, or set one (temperature, top_k, top_p, min_p,
-                      repetition_penalty, presence_penalty, frequency_penalty, max_tokens, seed)
-/stats                the last reply's speed, and the context used
-/quit                 leave (Ctrl-D too)
-
-Ctrl-C stops a reply (what was written stays in the conversation).
-A line """ starts a multi-line message, another """ ends it; start a line with // to
-send a message that begins with /.'''
-
-
-def describe_sampling(sampling: SamplingParams, seed: int | None) -> str:
-    """The settings that are on: ``"temperature 0.7, top-k 20, top-p 0.8, repetition penalty
-    1.05, seed 7"``, or ``"greedy"``."""
-    s = sampling
-    if s.greedy:
-        parts = ["greedy"]
-    else:
-        parts = [f"temperature {s.temperature:g}"]
-        if s.top_k > 0:
-            parts.append(f"top-k {s.top_k}")
-        if s.top_p < 1:
-            parts.append(f"top-p {s.top_p:g}")
-        if s.min_p > 0:
-            parts.append(f"min-p {s.min_p:g}")
-    if s.repetition_penalty != 1:
-        parts.append(f"repetition penalty {s.repetition_penalty:g}")
-    if s.presence_penalty != 0:
-        parts.append(f"presence penalty {s.presence_penalty:g}")
-    if s.frequency_penalty != 0:
-        parts.append(f"frequency penalty {s.frequency_penalty:g}")
-    if not s.greedy and seed is not None:
-        parts.append(f"seed {seed}")
-    return ", ".join(parts)
-
-
-class _LiveTail:
-    """The reply so far as Markdown, cut to the lines that fit on the screen.
-
-    rich's ``Live`` redraws its content in place, which works only while the content fits
-    in the terminal: the lines that scrolled above the top can no longer be erased, and
-    every redraw would leave a copy of them in the scroll-back. So while a reply streams,
-    only its bottom (where new text arrives) is shown; once it is complete, the live view
-    is cleared and the whole reply printed once, into the scroll-back.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __rich_console__(self, console: Any, options: Any) -> Any:
-        from rich.markdown import Markdown
-        from rich.segment import Segment
-
-        lines = console.render_lines(Markdown(self.text), options, pad=False)
-        while lines and not "".join(seg.text for seg in lines[-1]).strip():
-            lines.pop()  # trailing blank lines would push the text up
-        for line in lines[-max(1, console.size.height - 2) :]:
-            yield from line
-            yield Segment.line()
-
-
-class ChatApp:
-    """The terminal around a :class:`ChatSession`: prompts, commands, streamed replies.
-
-    On a terminal, replies render as Markdown while they arrive (code blocks highlighted);
-    with ``markdown=False`` or when stdout is a pipe or a file they are written as plain
-    text. When stdin is not a terminal (a script piped in), each message read is echoed
-    after its prompt, so the output reads as a transcript.
-    """
-
-    def __init__(self, session: ChatSession, *, console: Any = None, markdown: bool = True,
-                 description: str = "", input_fn: Callable[[str], str] = input) -> None:  # fmt: skip
-        from rich.console import Console
-
-        self.session = session
-        self.console = console or Console(highlight=False)
-        self.markdown = markdown and self.console.is_terminal
-        self.description = description  # "qwen2.5-coder-0.5b-instruct (numpy, float32)"
-        self.input = input_fn
-        self.echo_input = False  # set by run() when reading a script from stdin
-        session.on_notice = self.notice
-
-    # -- output ----------------------------------------------------------------------------
-
-    def say(self, text: str, style: str = "") -> None:
-        """One line of the app's own text (not the model's). Soft wrap: rich inserts no line
-        breaks, so a long line stays one line in a file and the terminal folds it on screen."""
-        from rich.text import Text
-
-        self.console.print(Text(text, style=style), soft_wrap=True)
-
-    def notice(self, text: str) -> None:
-        self.say(f"[{text}]", "yellow")
-
-    def error(self, text: str) -> None:
-        self.say(f"error: {text}", "red")
-
-    def banner(self) -> None:
-        s = self.session
-        self.say(
-            f"minqwen2 chat · {self.description or s.model_name} · context {s.context_size:,} tokens", "bold"
-        )
-        self.say(
-            f"sampling: {describe_sampling(s.sampling, s.seed)} · max {s.max_tokens} tokens per reply", "dim"
-        )
-        if s.system is not None:
-            self.say(f"system: {s.system}", "dim")
-        self.say("Type /help for the commands. Ctrl-C stops a reply, Ctrl-D quits.", "dim")
-
-    def status_line(self) -> None:
-        """After each reply: its length and speed, and the context used."""
-        last = self.session.last
-        if last is None:
-            return
-        why = {"max_tokens": " (max_tokens reached)", "stop_string": " (stop string)", "context": " (context full)",
-               "interrupted": " (interrupted)"}.get(last.finish_reason or "", "")  # fmt: skip
-        self.say(
-            f"{last.generated_tokens} tokens{why} · {last.decode_tps:.1f} tok/s · "
-            f"context {self.session.context_used:,}/{self.session.context_size:,}",
-            "dim",
-        )
-
-    # -- input -----------------------------------------------------------------------------
-
-    def prompt(self, text: str) -> str:
-        """Read one line. The prompt's colour codes sit between \\001 and \\002, which tell
-        readline they take no room on the screen (else line editing miscounts)."""
-        if self.console.is_terminal:
-            text = f"\001\033[1;32m\002{text}\001\033[0m\002"
-        line = self.input(text)
-        if self.echo_input:
-            self.console.file.write(line + "\n")
-            self.console.file.flush()
-        return line
-
-    def read_message(self) -> str:
-        line = self.prompt("> ")
-        if line.strip() != '"""':
-            return line
-        lines = []
-        while True:
-            try:
-                line = self.prompt("… ")
-            except EOFError:
-                break
-            if line.strip() == '"""':
-                break
-            lines.append(line)
-        return "\n".join(lines)
-
-    def confirm_quit(self) -> bool:
-        """Ctrl-C at the prompt: leave only if the user says so (or presses Ctrl-C/Ctrl-D again)."""
-        self.console.file.write("\n")
-        try:
-            answer = self.input("Leave the chat? [y/N] ")
-        except (KeyboardInterrupt, EOFError):
-            self.console.file.write("\n")
-            return True
-        return answer.strip().lower() in ("y", "yes")
-
-    # -- the loop --------------------------------------------------------------------------
-
-    def run(self) -> int:
-        import sys
-
-        self.echo_input = self.input is input and not sys.stdin.isatty()
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 (imported for its effect: line editing and history in input())
-        self.banner()
-        while True:
-            try:
-                line = self.read_message()
-            except EOFError:
-                self.console.file.write("\n")
-                return 0
-            except KeyboardInterrupt:
-                if self.confirm_quit():
-                    return 0
-                continue
-            if not line.strip():
-                continue
-            if line.startswith("/") and not line.startswith("//"):
-                if not self.command(line):
-                    return 0
-                continue
-            text = line[1:] if line.startswith("//") else line  # "//x" sends "/x"
-            try:
-                self.stream(functools.partial(self.session.ask, text))
-            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
-                self.notice("interrupted")
-
-    def command(self, line: str) -> bool:
-        """Run one ``/command``; ``False`` means leave."""
-        name, _, rest = line.strip().partition(" ")
-        rest = rest.strip()
-        s = self.session
-        try:
-            if name in ("/quit", "/exit"):
-                return False
-            elif name == "/help":
-                self.say(HELP)
-            elif name == "/reset":
-                s.reset()
-                self.notice(
-                    "new conversation" + (" (the system prompt is kept)" if s.system is not None else "")
-                )
-            elif name == "/system":
-                if rest:
-                    s.set_system(rest)
-                    self.notice("system prompt set")
-                else:
-                    self.say(
-                        f"system: {s.system}"
-                        if s.system is not None
-                        else "system: the chat template's default"
-                    )
-            elif name == "/undo":
-                n = s.undo()
-                self.notice(
-                    f"dropped the last {n} message{'s' * (n != 1)} · context {s.context_used:,}/{s.context_size:,}"
-                )
-            elif name == "/retry":
-                self.stream(s.retry)
-            elif name == "/save":
-                self.notice(f"saved {len(s.messages)} messages to {s.save(self._file_arg(name, rest))}")
-            elif name == "/load":
-                path = self._file_arg(name, rest)
-                tic = time.perf_counter()
-                read = s.load(path)
-                self.notice(
-                    f"loaded {len(s.messages)} messages from {path} · read {read} tokens in "
-                    f"{time.perf_counter() - tic:.1f} s · context {s.context_used:,}/{s.context_size:,}"
-                )
-                self.say(
-                    f"sampling: {describe_sampling(s.sampling, s.seed)} · max {s.max_tokens} tokens per reply",
-                    "dim",
-                )
-            elif name == "/params":
-                self.params(rest)
-            elif name == "/stats":
-                self.stats()
-            else:
-                self.error(
-                    f"unknown command {name}; type /help for the list (start with // to send a message beginning with /)"
-                )
-        except MinQwen2Error as err:
-            self.error(str(err))
-        except KeyboardInterrupt:
-            self.notice("interrupted")
-        return True
-
-    @staticmethod
-    def _file_arg(name: str, rest: str) -> str:
-        if not rest:
-            raise ChatError(f"{name} needs a file name: {name} FILE")
-        return rest
-
-    def params(self, rest: str) -> None:
-        s = self.session
-        if rest:
-            parts = rest.split()
-            if len(parts) != 2:
-                raise ChatError("usage: /params NAME VALUE (e.g. /params temperature 0.5)")
-            s.set_param(*parts)
-        for name, value in s.params.items():
-            self.say(f"{name:<20} {value}")
-        if s.sampling.greedy and any(
-            s.params[f] != d for f, d in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))
-        ):
-            self.say("(temperature 0 is greedy: top_k, top_p and min_p have no effect)", "dim")
-
-    def stats(self) -> None:
-        s, last = self.session, self.session.last
-        if last is None:
-            self.say("no reply yet")
-        else:
-            self.say(
-                f"prefill: {last.prefilled_tokens} new tokens at {last.prefill_tps:.1f} tok/s "
-                f"({last.reused_tokens} of the {last.prompt_tokens} prompt tokens reused from the cache)"
-            )
-            self.say(
-                f"decode:  {last.generated_tokens} tokens at {last.decode_tps:.1f} tok/s (stop: {last.finish_reason})"
-            )
-        used = s.context_used
-        self.say(f"context: {used:,} / {s.context_size:,} tokens ({100 * used / s.context_size:.1f}%)")
-
-    def stream(self, start: Callable[[], Iterator[GenerationResponse]]) -> None:
-        """Run one reply, showing it as it arrives; Ctrl-C stops it and keeps what was shown."""
-        try:
-            steps = start()
-        except MinQwen2Error as err:
-            self.error(str(err))
-            return
-        interrupted = False
-        with contextlib.closing(steps):  # an interrupted reply still joins the history
-            if self.markdown:
-                interrupted, text = self._stream_markdown(steps)
-            else:
-                interrupted, text = self._stream_plain(steps)
-        if interrupted:
-            self.notice(
-                "interrupted: the partial reply stays in the conversation (/retry answers again, /undo drops it)"
-            )
-        self.status_line()
-
-    def _stream_plain(self, steps: Iterator[GenerationResponse]) -> tuple[bool, str]:
-        out, text = self.console.file, ""
-        try:
-            for r in steps:
-                out.write(r.text)
-                out.flush()
-                text += r.text
-        except KeyboardInterrupt:
-            out.write("\n")
-            return True, text
-        if not text.endswith("\n"):
-            out.write("\n")
-        return False, text
-
-    def _stream_markdown(self, steps: Iterator[GenerationResponse]) -> tuple[bool, str]:
-        from rich.live import Live
-        from rich.markdown import Markdown
-        from rich.spinner import Spinner
-
-        tail = _LiveTail()
-        interrupted = False
-        with Live(Spinner("dots", "thinking…", style="dim"), console=self.console, transient=True,
-                  refresh_per_second=10, vertical_overflow="visible") as live:  # fmt: skip
-            try:
-                for r in steps:
-                    if r.text and not tail.text:
-                        live.update(tail)  # the first text replaces the spinner
-                    tail.text += r.text  # the live view re-renders it at its next refresh
-            except KeyboardInterrupt:
-                interrupted = True
-        if tail.text:
-            self.console.print(Markdown(tail.text))
-        return interrupted, tail.text

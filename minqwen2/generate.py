@@ -20,11 +20,12 @@ An autoregressive model predicts one token at a time. Generating a reply is a lo
 * **Decode** feeds one token per step; the KV cache (kv_cache.py) makes each step cost
   one token's work instead of re-reading the whole context.
 
-The loop is the same for every backend: the model is called with NumPy ids and its
-logits are read with ``np.asarray`` (a NumPy array already, or an ``mx.array``). One hook
-is the exception, for speed: plain greedy decoding uses the model's ``greedy_tokens`` when
-it has one (the MLX model: the argmax stays on the device and each step is built while the
-previous one runs; see ``_generate_steps``).
+The loop is :func:`decode_loop`, the one copy: :func:`generate` runs it on a new cache, and
+the chat (chat.py) on a cache it keeps from turn to turn. It is the same for every backend:
+the model is called with NumPy ids and its logits are read with ``np.asarray`` (a NumPy
+array already, or an ``mx.array``). One hook is the exception, for speed: plain greedy
+decoding uses the model's ``greedy_tokens`` when it has one (the MLX model: the argmax
+stays on the device and each step is built while the previous one runs).
 
 Text is streamed with the tokenizer's detokenizer, which never prints half a UTF-8
 character, and a stop string is never printed even when it arrives split across two
@@ -215,7 +216,7 @@ def generate(
     also stops, with ``finish_reason="context"``, when the context fills up.
 
     The arguments are checked when ``generate`` is called; the model runs as the returned
-    iterator is consumed.
+    iterator is consumed (:func:`decode_loop`, on a new cache).
     """
     prompt_ids = _prompt_ids(tokenizer, prompt)  # (T,)
     context = int(model.config.max_position_embeddings)
@@ -232,89 +233,109 @@ def generate(
         )
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer (this model has no tokenizer.json)")
-    model_dir = _model_dir(model)
-    if sampling is None:
-        sampling = SamplingParams.from_generation_config(model_dir / GENERATION_CONFIG if model_dir else {})
+    model_dir, sampling = model_defaults(model, sampling)
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else _config_eos_ids(model_dir)
-    return _generate_steps(
-        model, tokenizer, prompt_ids, max_tokens, Sampler(sampling, seed), stop, eos_token_ids,
-        prefill_chunk_size, context,
+    # Room for the whole reply up front, so the cache never grows mid-generation.
+    cache = model.make_cache(capacity=min(len(prompt_ids) + max_tokens, context))
+    return decode_loop(
+        model, cache, prompt_ids, sampler=Sampler(sampling, seed), tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids, max_tokens=max_tokens, stop=stop, prefill_chunk_size=prefill_chunk_size,
     )  # fmt: skip
 
 
-def _generate_steps(
+def decode_loop(
     model: Any,
-    tokenizer: Any,
-    prompt_ids: np.ndarray,
-    max_tokens: int,
+    cache: Any,
+    prompt_ids: Sequence[int] | np.ndarray,
+    *,
     sampler: Sampler,
-    stop: Sequence[str],
+    tokenizer: Any,
     eos_token_ids: Sequence[int],
-    prefill_chunk_size: int,
-    context: int,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    start: int = 0,
+    prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
 ) -> Iterator[GenerationResponse]:
-    """The loop of :func:`generate`, after its arguments are checked."""
+    """The generation loop, on a cache that already holds the keys of ``prompt_ids[:start]``.
+
+    It prefills the rest of the prompt, then yields one :class:`GenerationResponse` per
+    token until a stop rule fires (:data:`FINISH_REASONS`). :func:`generate` runs it on a
+    new cache (``start=0``); the chat session (chat.py) on its long-lived cache, after
+    rewinding it to what the conversation has in common with it. ``prompt_ids`` is the
+    whole prompt either way: the stop rules count it against the context, and the
+    repetition penalty looks at all of it. Arguments are not checked here (the callers do).
+
+    When the loop ends (finished, closed by the caller, or an exception such as Ctrl-C in
+    the middle of a forward pass), the cache holds a prefix of the prompt and the generated
+    tokens but the last one (never fed: it would only predict the token after the end),
+    with every layer in step: ``cache.offset`` says how long that prefix is.
+    """
+    context = int(model.config.max_position_embeddings)
     eos = {int(i) for i in eos_token_ids}
     detokenizer = tokenizer.detokenizer() if tokenizer is not None else None
     stops = StopStringFilter(stop)
-
-    # Room for the whole reply up front, so the cache never grows mid-generation.
-    cache = model.make_cache(capacity=min(len(prompt_ids) + max_tokens, context))
-    tic = time.perf_counter()
-    logits = prefill(model, cache, prompt_ids, prefill_chunk_size)  # (V,)
-    prompt_tps = len(prompt_ids) / max(time.perf_counter() - tic, 1e-9)
-
     generated: list[int] = []
-    token = sampler(logits, prompt_ids, generated)  # the first token comes from the prefill
-    decode_seconds = 0.0  # time spent in decode steps, not in the caller between tokens
-
-    # The one backend hook: a model that can decode greedily on its own device (the MLX
-    # model's ``greedy_tokens``: argmax in MLX, each step's graph built while the previous
-    # step computes) does so when the sampling is a plain argmax, where it gives the same
-    # tokens as decode_step + the sampler. What it saves is the graph building and the
-    # logits' trip to NumPy: ~1% of a step on MLX's Linux CPU backend (3-10 ms of ~0.7 s),
-    # a large share on Apple silicon. Every other case takes the plain path below.
     device_greedy = None
-    if hasattr(model, "greedy_tokens") and _plain_argmax(sampler.params):
-        still_wanted = min(max_tokens, context - len(prompt_ids)) - 1  # tokens after this one
-        device_greedy = model.greedy_tokens(token, cache, still_wanted)
-    while True:
-        generated.append(token)
-        text, finish_reason = "", None
-        if token in eos:
-            finish_reason = "eos"  # its text (<|im_end|>) is not part of the reply
-        elif detokenizer is not None:
-            text, hit = stops.feed(detokenizer.add(token))
-            finish_reason = "stop_string" if hit else None
-        if finish_reason is None and len(generated) == max_tokens:
-            finish_reason = "max_tokens"
-        if finish_reason is None and len(prompt_ids) + len(generated) == context:
-            finish_reason = "context"
-        if finish_reason in ("eos", "max_tokens", "context") and detokenizer is not None:
-            # The end: release the detokenizer's held bytes and any held stop-string prefix.
-            tail, hit = stops.feed(detokenizer.finish())
-            text += tail if hit else tail + stops.flush()
-
-        yield GenerationResponse(
-            token=token,
-            text=text,
-            finish_reason=finish_reason,
-            prompt_tokens=len(prompt_ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=len(generated),
-            generation_tps=(len(generated) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
-        )
-        if finish_reason is not None:
-            return
-
+    try:
         tic = time.perf_counter()
+        logits = prefill(model, cache, prompt_ids[start:], prefill_chunk_size)  # (V,)
+        prompt_tps = (len(prompt_ids) - start) / max(time.perf_counter() - tic, 1e-9)
+        token = sampler(logits, prompt_ids, generated)  # the first token comes from the prefill
+        decode_seconds = 0.0  # time spent in decode steps, not in the caller between tokens
+
+        # The one backend hook: a model that can decode greedily on its own device (the MLX
+        # model's ``greedy_tokens``: argmax in MLX, each step's graph built while the previous
+        # step computes) does so when the sampling is a plain argmax, where it gives the same
+        # tokens as decode_step + the sampler. It saves the graph building and the logits'
+        # trip to NumPy on every step. Every other case takes the plain path below.
+        if hasattr(model, "greedy_tokens") and _plain_argmax(sampler.params):
+            still_wanted = min(max_tokens, context - len(prompt_ids)) - 1  # tokens after this one
+            device_greedy = model.greedy_tokens(token, cache, still_wanted)
+        while True:
+            generated.append(token)
+            text, finish_reason = "", None
+            if token in eos:
+                finish_reason = "eos"  # its text (<|im_end|>) is not part of the reply
+            elif detokenizer is not None:
+                text, hit = stops.feed(detokenizer.add(token))
+                finish_reason = "stop_string" if hit else None
+            if finish_reason is None and len(generated) == max_tokens:
+                finish_reason = "max_tokens"
+            if finish_reason is None and len(prompt_ids) + len(generated) == context:
+                finish_reason = "context"
+            if finish_reason in ("eos", "max_tokens", "context") and detokenizer is not None:
+                # The end: release the detokenizer's held bytes and any held stop-string prefix.
+                tail, hit = stops.feed(detokenizer.finish())
+                text += tail if hit else tail + stops.flush()
+
+            yield GenerationResponse(
+                token=token,
+                text=text,
+                finish_reason=finish_reason,
+                prompt_tokens=len(prompt_ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=len(generated),
+                generation_tps=(len(generated) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+            )
+            if finish_reason is not None:
+                return
+
+            tic = time.perf_counter()
+            if device_greedy is not None:
+                token = next(device_greedy)
+            else:
+                logits = decode_step(model, cache, token)  # (V,)
+                token = sampler(logits, prompt_ids, generated)
+            decode_seconds += time.perf_counter() - tic
+    finally:
         if device_greedy is not None:
-            token = next(device_greedy)
-        else:
-            logits = decode_step(model, cache, token)  # (V,)
-            token = sampler(logits, prompt_ids, generated)
-        decode_seconds += time.perf_counter() - tic
+            device_greedy.close()
+        # The device loop runs a step ahead, so its cache also holds the last token, or even
+        # one that was never read (interrupted while waiting for it): drop them, keeping what
+        # the plain loop holds. An interrupted forward pass leaves the early layers a token
+        # ahead; the rewind also puts them back in step (cache.offset is what all layers hold).
+        cache.rewind(min(cache.offset, len(prompt_ids) + max(len(generated) - 1, 0)))
 
 
 def _plain_argmax(params: SamplingParams) -> bool:
@@ -326,6 +347,19 @@ def _plain_argmax(params: SamplingParams) -> bool:
         and params.frequency_penalty == 0.0
         and not params.logit_bias
     )
+
+
+def model_defaults(model: Any, sampling: SamplingParams | None = None) -> tuple[Path | None, SamplingParams]:
+    """Where ``model`` was loaded from, and the sampling to use with it.
+
+    The directory is the folder of the model's ``config.json`` (``None`` for a model built
+    in memory). The sampling is ``sampling`` when given, else the model's own defaults, its
+    ``generation_config.json`` read as HF reads it
+    (:meth:`~minqwen2.sampling.SamplingParams.from_generation_config`; greedy without one).
+    """
+    source = Path(getattr(model.config, "source", "") or "")
+    model_dir = source.parent if source.name == "config.json" else None
+    return model_dir, sampling if sampling is not None else SamplingParams.from_generation_config(model_dir)
 
 
 def _prompt_ids(tokenizer: Any, prompt: Any) -> np.ndarray:
@@ -351,12 +385,6 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> np.ndarray:
             f"{'an empty prompt' if ids.size == 0 else f'an array of shape {ids.shape} and dtype {ids.dtype}'}"
         )
     return ids.astype(np.int64)
-
-
-def _model_dir(model: Any) -> Path | None:
-    """The directory the model was loaded from (its config.json's folder), if known."""
-    source = Path(getattr(model.config, "source", "") or "")
-    return source.parent if source.name == "config.json" else None
 
 
 def _config_eos_ids(model_dir: Path | None) -> list[int]:

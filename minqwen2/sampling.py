@@ -36,7 +36,6 @@ Shapes: ``V`` vocabulary size. Every function here takes one row of logits ``(V,
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 
 from minqwen2.errors import ConfigError, MinQwen2Error
 from minqwen2.functional import softmax
+from minqwen2.paths import read_json
 
 
 class GenerationError(MinQwen2Error, ValueError):
@@ -97,11 +97,10 @@ class SamplingParams:
         def is_number(x: Any) -> bool:
             return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):  # fmt: skip
-            check(
-                is_number(getattr(self, name)) and np.isfinite(getattr(self, name)), name, "a finite number"
-            )
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, float):  # the settings that are real numbers (all but top_k, logit_bias)
+                value = getattr(self, f.name)
+                check(is_number(value) and np.isfinite(value), f.name, "a finite number")
         check(self.temperature >= 0, "temperature", "a number >= 0 (0 means greedy)")
         check(
             isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool) and self.top_k >= 0,
@@ -169,22 +168,17 @@ class SamplingParams:
             raise ConfigError(f"{source}: {err}") from None
 
 
+#: The settings that are one number each (every field but ``logit_bias``): what the command
+#: line's flags set and ``minqwen2 chat``'s ``/params`` shows.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "logit_bias")
+
 #: The file in a model directory that holds its generation defaults.
 GENERATION_CONFIG = "generation_config.json"
 
 
 def read_generation_config(path: str | Path) -> dict[str, Any]:
     """``generation_config.json`` as a dict (``{}`` when the file does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(Path(path), missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ the steps

@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 from test_generate import hf_greedy, write_tiny_chat_model
 
 import minqwen2
-from minqwen2.chat import HELP, ChatApp, ChatError, ChatSession
+from minqwen2.chat import ChatError, ChatSession
 from minqwen2.errors import MinQwen2Error
 from minqwen2.sampling import SamplingParams
+from minqwen2.tools.chat_app import HELP, ChatApp
 
 GREEDY = SamplingParams(temperature=0.0)
 ATOL = 1e-5  # cached keys/values vs a fresh prefill (see the module docstring)
@@ -76,9 +77,9 @@ def assert_cache_holds_its_ids(chat: ChatSession) -> None:
         return
     fresh = chat.model.make_cache()
     chat.model(np.array(chat.cache_ids), cache=fresh, last_only=True)
-    for ours, ref in zip(chat.cache.layers, fresh.layers, strict=True):
-        np.testing.assert_allclose(ours.keys[:, :, :n], ref.keys[:, :, :n], rtol=0, atol=ATOL)
-        np.testing.assert_allclose(ours.values[:, :, :n], ref.values[:, :, :n], rtol=0, atol=ATOL)
+    for ours, ref in zip(chat.cache.layers, fresh.layers, strict=True):  # NumPy or MLX arrays
+        for a, b in ((ours.keys, ref.keys), (ours.values, ref.values)):
+            np.testing.assert_allclose(np.asarray(a[:, :, :n]), np.asarray(b[:, :, :n]), rtol=0, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------ cache reuse
@@ -212,6 +213,116 @@ def test_the_mlx_twin_reuses_its_cache_the_same_way(tiny):
         assert tokens(chat.ask(text)) == fresh
         assert chat.cache.offset == len(chat.cache_ids)
     assert chat.last.reused_tokens > 0
+
+
+def test_a_reply_is_generates_response_for_response(tiny):
+    """The session runs generate.py's loop: each reply yields what ``minqwen2.generate`` yields
+    for the same conversation (tokens, text, stop reasons, counts), with sampling and a
+    stop string too. The first sampled reply uses the session's seed as generate does."""
+
+    def fields(responses):
+        return [(r.token, r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens) for r in responses]
+
+    sampled = SamplingParams(temperature=1.3, top_k=20)
+    messages = [{"role": "user", "content": "the cat"}]
+    steps = minqwen2.generate(tiny.model, tiny.tokenizer, messages, max_tokens=12, sampling=sampled, seed=5)
+    first = "".join(r.text for r in steps)
+    stop = [first[5:7]]  # the first reply stops there
+    chat = session(tiny, sampling=sampled, seed=5, stop=stop)
+    for n, text in enumerate(("the cat", "in the beginning", "x")):
+        ids = tiny.tokenizer.apply_chat_template(
+            [*chat.messages, {"role": "user", "content": text}], add_generation_prompt=True,
+            sanitize_control_tokens=True,
+        )  # fmt: skip
+        sampling = sampled if n == 0 else GREEDY
+        expected = minqwen2.generate(tiny.model, tiny.tokenizer, ids, max_tokens=12, sampling=sampling, seed=5,
+                                     stop=stop)  # fmt: skip
+        assert fields(chat.ask(text)) == fields(expected)
+        assert n > 0 or chat.last.finish_reason == "stop_string"
+        chat.set_param("temperature", "0")  # greedy from turn two on: the seed no longer matters
+        assert_cache_holds_its_ids(chat)
+
+
+class PlainLoop:
+    """The same MLX model without ``greedy_tokens``: the loop takes its plain path
+    (decode_step, logits to NumPy, the NumPy sampler's argmax)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.config = model, model.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def make_cache(self, *args, **kwargs):
+        return self.model.make_cache(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlx(tiny):
+    return minqwen2.load(tiny.path, backend="mlx", dtype="float32")
+
+
+def test_an_mlx_chat_decodes_greedily_on_the_device(tiny_mlx, monkeypatch):
+    """Greedy replies go through the MLX model's ``greedy_tokens`` (the hook generate.py's
+    loop owns) and give the plain loop's tokens; the step it runs ahead is rewound, so both
+    sessions' caches hold the same ids — also after a reply closed early."""
+    model, tokenizer = tiny_mlx
+    calls = []
+    original = model.greedy_tokens
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(model, "greedy_tokens", spy)
+    device = ChatSession(model, tokenizer, sampling=GREEDY, max_tokens=10)
+    plain = ChatSession(PlainLoop(model), tokenizer, sampling=GREEDY, max_tokens=10)
+    for turn, text in enumerate(("the cat", "in the beginning", "x", "stop early", "the end")):
+        if text == "stop early":
+            streams = [chat.ask(text) for chat in (device, plain)]
+            shown = [[r.token for _, r in zip(range(3), steps)] for steps in streams]  # noqa: B905
+            for steps in streams:
+                steps.close()
+            assert shown[0] == shown[1] and device.messages == plain.messages
+        else:
+            assert tokens(device.ask(text)) == tokens(plain.ask(text))
+        assert len(calls) == turn + 1
+        assert device.cache_ids == plain.cache_ids and device.cache.offset == len(device.cache_ids)
+    assert_cache_holds_its_ids(device)
+    assert device.last.reused_tokens > 0
+
+
+def test_ctrl_c_while_the_device_loop_waits_keeps_the_cache_consistent(tiny_mlx, monkeypatch):
+    """Ctrl-C while ``greedy_tokens`` waits for a token: its cache then holds a token nobody
+    has read. The loop rewinds it away; the partial reply stays and the chat goes on."""
+    model, tokenizer = tiny_mlx
+    original = model.greedy_tokens
+
+    def interrupted(*args):
+        for i, token in enumerate(original(*args)):  # the step after `token` is already running
+            if i == 3:
+                raise KeyboardInterrupt
+            yield token
+
+    chat = ChatSession(model, tokenizer, sampling=GREEDY, max_tokens=20)
+    for _ in chat.ask("the cat"):
+        pass
+    monkeypatch.setattr(model, "greedy_tokens", interrupted)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for r in chat.ask("in the beginning"):
+            shown.append(r)
+    monkeypatch.undo()
+    assert len(shown) == 4  # the first token from the prefill, then three from the device
+    assert chat.messages[-1] == {"role": "assistant", "content": "".join(r.text for r in shown)}
+    assert chat.last.finish_reason == "interrupted"
+    assert_cache_holds_its_ids(chat)
+    conversation = [*chat.messages, {"role": "user", "content": "x"}]
+    ids = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, sanitize_control_tokens=True
+    )
+    fresh = tokens(minqwen2.generate(PlainLoop(model), tokenizer, ids, max_tokens=20, sampling=GREEDY))
+    assert tokens(chat.ask("x")) == fresh
 
 
 # ------------------------------------------------------------------------------ Ctrl-C
@@ -517,18 +628,10 @@ def test_the_app_runs_commands_and_replies_as_plain_text_off_a_terminal(tiny, tm
 
 
 def test_the_help_lists_every_command(tiny):
-    for command in (
-        "/help",
-        "/reset",
-        "/system",
-        "/undo",
-        "/retry",
-        "/save",
-        "/load",
-        "/params",
-        "/stats",
-        "/quit",
-    ):
+    app, _ = scripted_app(session(tiny), [])
+    assert set(app.commands) == {"/help", "/reset", "/system", "/undo", "/retry", "/save", "/load", "/params",
+                                 "/stats"}  # fmt: skip
+    for command in (*app.commands, "/quit"):
         assert f"\n{command}" in "\n" + HELP
 
 

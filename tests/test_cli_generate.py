@@ -119,6 +119,21 @@ def test_stop_strings_and_stdin(tiny):
     assert stats(result.stderr)[3] == "stop_string"
 
 
+def test_every_sampling_setting_has_a_flag_in_generate_and_chat():
+    """The flags are read by the names of SamplingParams' fields (SAMPLING_FIELDS): each one
+    must exist, with the field's type, in both commands."""
+    from minqwen2.sampling import SAMPLING_FIELDS
+    from minqwen2.tools.cli import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "chat"):
+        flags = [part for name in SAMPLING_FIELDS for part in (f"--{name.replace('_', '-')}", "1")]
+        args = parser.parse_args([command, *flags])
+        for name in SAMPLING_FIELDS:
+            value = getattr(args, name)
+            assert value == 1 and type(value) is type(getattr(SamplingParams(), name)), (command, name)
+
+
 BAD_INPUTS = {
     "top-p out of range": (["--prompt", "x", "--top-p", "1.5"], "--top-p 1.5 is out of range"),
     "not a number": (["--prompt", "x", "--top-p", "abc"], "invalid float value: 'abc'"),

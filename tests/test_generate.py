@@ -31,8 +31,15 @@ from hypothesis import strategies as st
 import minqwen2
 from minqwen2.bpe import bytes_to_unicode
 from minqwen2.errors import MinQwen2Error
-from minqwen2.generate import FINISH_REASONS, StopStringFilter, decode_step, prefill
-from minqwen2.sampling import GenerationError, SamplingParams
+from minqwen2.generate import (
+    FINISH_REASONS,
+    StopStringFilter,
+    decode_loop,
+    decode_step,
+    model_defaults,
+    prefill,
+)
+from minqwen2.sampling import GenerationError, Sampler, SamplingParams
 
 ATOL = 1e-5  # see the module docstring
 GREEDY = SamplingParams(temperature=0.0)
@@ -295,6 +302,72 @@ def test_generation_stops_when_the_context_is_full(tiny, tmp_path):
     for n in (40, 41):
         with pytest.raises(GenerationError, match=rf"prompt is {n} tokens.* context is 40 tokens"):
             next(minqwen2.generate(model, tokenizer, list(range(n)), sampling=GREEDY))
+
+
+# ------------------------------------------------------------------------------ the loop on a cache
+
+
+def loop(tiny, cache, prompt_ids, start=0, sampling=GREEDY, **kwargs):
+    """decode_loop as the chat session calls it: a cache that holds ``prompt_ids[:start]``."""
+    kwargs.setdefault("max_tokens", 12)
+    kwargs.setdefault("eos_token_ids", tiny.tokenizer.eos_token_ids)
+    return decode_loop(
+        tiny.model,
+        cache,
+        prompt_ids,
+        start=start,
+        sampler=Sampler(sampling, 3),
+        tokenizer=tiny.tokenizer,
+        **kwargs,
+    )
+
+
+def fields(responses) -> list[tuple]:
+    """Everything in the responses but the timings."""
+    return [(r.token, r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens) for r in responses]
+
+
+@pytest.mark.parametrize("start", [0, 1, 9, 15])
+@pytest.mark.parametrize(
+    "sampling", [GREEDY, SamplingParams(temperature=1.3, repetition_penalty=1.2)], ids=str
+)
+def test_the_loop_on_a_cache_holding_part_of_the_prompt_is_generate(tiny, start, sampling):
+    """On a cache that already holds the first ``start`` prompt tokens (as the chat's does),
+    the loop reads only the rest and yields what generate() yields on a fresh cache."""
+    prompt = tiny.tokenizer.encode("the cat sat on the mat")  # 16 tokens
+    expected = run(tiny, prompt, max_tokens=12, sampling=sampling, seed=3, stop=["zz"])
+    cache = tiny.model.make_cache()
+    if start:
+        prefill(tiny.model, cache, prompt[:start])
+    assert fields(loop(tiny, cache, prompt, start, sampling, stop=["zz"])) == fields(expected)
+
+
+def cache_keys(cache) -> list[np.ndarray]:
+    return [np.asarray(layer.keys[:, :, : cache.offset]) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("stop_after", [None, 1, 4])  # run to the end, or closed after n tokens
+def test_the_loop_leaves_the_cache_holding_the_prompt_and_all_but_the_last_token(tiny, stop_after):
+    """The last token is never fed (it would only predict the token after the end), and the
+    keys are those of a fresh prefill of what the cache says it holds."""
+    prompt = tiny.tokenizer.encode("in the beginning")
+    cache = tiny.model.make_cache()
+    steps = loop(tiny, cache, prompt, eos_token_ids=[])
+    tokens = [r.token for _, r in zip(range(stop_after or 99), steps)]  # noqa: B905
+    steps.close()
+    assert cache.offset == len(prompt) + len(tokens) - 1
+    fresh = tiny.model.make_cache()
+    prefill(tiny.model, fresh, [*prompt, *tokens[:-1]])
+    for ours, ref in zip(cache_keys(cache), cache_keys(fresh), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)
+
+
+def test_model_defaults_are_the_directory_and_its_generation_config(tiny):
+    model_dir, sampling = model_defaults(tiny.model)
+    assert model_dir == tiny.path
+    assert sampling == SamplingParams.from_generation_config(tiny.path / "generation_config.json")
+    given = SamplingParams(temperature=0.5)
+    assert model_defaults(tiny.model, given) == (tiny.path, given)
 
 
 # ------------------------------------------------------------------------------ sampling through generate

@@ -26,5 +26,5 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     """
     # Hint: as HF does: sort the finite logits ascending, cumulative sum of their softmax
     # (np.cumsum(..., dtype=np.float64) rounded to float32), remove where cumulative <= 1 - top_p,
-    # but never the last one. minqwen2.sampling.softmax is there to use.
+    # but never the last one. minqwen2.functional.softmax is there to use.
     raise NotImplementedError("exercise 08: write apply_top_p (see lessons/08_sampling.py)")

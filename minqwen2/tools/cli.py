@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
 
 from minqwen2.errors import MinQwen2Error
 
@@ -33,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    # Subcommands register themselves below, one block each.
+    # The subcommands, in the order `minqwen2 --help` lists them.
+    _add_model_commands(sub)  # models, info
+    _add_generation_commands(sub)  # chat, generate
+    _add_file_commands(sub)  # convert, install-default, download
+    _add_bench_command(sub)
+    return parser
 
+
+def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("models", help="the Qwen2 family: parameters, memory per dtype, which are installed")
     p.set_defaults(func=cmd_models)
 
@@ -42,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a registry name (`minqwen2 models`) or a model directory")
     p.set_defaults(func=cmd_info)
 
+
+def _add_generation_commands(sub: Any) -> None:
     p = sub.add_parser(
         "chat",
         help="interactive multi-turn chat (/help inside lists the commands)",
@@ -63,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", help="GGUF → HF layout (config.json, model.safetensors, tokenizer.json, ...)")
+
+def _add_file_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert", help="GGUF → HF layout (config.json, model.safetensors, tokenizer.json, ...)"
+    )
     p.add_argument("gguf", metavar="GGUF_FILE", help="a qwen2 or qwen2moe GGUF file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to create")
-    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="weights dtype (default: f32)")
+    p.add_argument(
+        "--dtype", choices=("f32", "bf16", "f16"), default="f32", help="weights dtype (default: f32)"
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument(
         "--bits",
@@ -91,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace weights/<name>/ if it exists")
     p.set_defaults(func=cmd_download)
 
+
+def _add_bench_command(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="the side-by-side speed benchmark: every engine next to the machine's limits",
@@ -102,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a model directory or registry name (default: the default model)")
     p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 512; --quick: 32)")
     p.add_argument("--new-tokens", type=int, help="greedy tokens to decode (default: 128; --quick: 8)")
-    p.add_argument("--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick: 1)")
+    p.add_argument(
+        "--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick: 1)"
+    )
     p.add_argument(
         "--engines",
         help="comma-separated engine names (default: all; --quick: the float32 ones); "
@@ -119,18 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="buffer size of the memory-bandwidth measurement (default: 1024)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from minqwen2.registry import print_models_table
+    from minqwen2.tools.models import print_models_table
 
     print_models_table()
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from minqwen2.registry import print_info
+    from minqwen2.tools.models import print_info
 
     print_info(args.model)
     return 0
@@ -152,15 +171,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
     g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
-    g = parser.add_argument_group("generation (unset sampling flags come from the model's generation_config.json)")
+    g = parser.add_argument_group(
+        "generation (unset sampling flags come from the model's generation_config.json)"
+    )
     g.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default: 512)")
     g.add_argument("--temperature", type=float, help="0 means greedy decoding")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, help="keep the smallest set with this much probability (1: off)")
     g.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
-    g.add_argument(
-        "--repetition-penalty", type=float, help="HF's: over the prompt and the output (1: off)"
-    )
+    g.add_argument("--repetition-penalty", type=float, help="HF's: over the prompt and the output (1: off)")
     g.add_argument("--presence-penalty", type=float, help="OpenAI's: per generated token seen (0: off)")
     g.add_argument("--frequency-penalty", type=float, help="OpenAI's: per occurrence (0: off)")
     g.add_argument("--seed", type=int, help="random seed: the same seed gives the same reply")
@@ -170,13 +189,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system", help="the system prompt (default: the chat template's own)")
 
 
-def sampling_from_args(args: argparse.Namespace, model_dir: Any) -> Any:
-    """The model's generation_config.json defaults, overridden by the flags that were given."""
-    from minqwen2.sampling import GenerationError, SamplingParams
+def sampling_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
+    """The model's generation_config.json defaults, overridden by the flags that were given.
 
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty")  # fmt: skip
-    flags = {name: getattr(args, name) for name in names}
+    Read from the model directory before the weights are loaded, so that a bad flag value
+    is reported at once.
+    """
+    from minqwen2.sampling import SAMPLING_FIELDS, GenerationError, SamplingParams
+
+    flags = {name: getattr(args, name) for name in SAMPLING_FIELDS}  # --top-k is args.top_k
     try:
         return SamplingParams.from_generation_config(model_dir).replace(**flags)
     except GenerationError as err:  # "top_p = 3.0 is out of range; ..." → name the flag instead
@@ -186,7 +207,7 @@ def sampling_from_args(args: argparse.Namespace, model_dir: Any) -> Any:
         raise GenerationError(f"--{field.replace('_', '-')} {flags[field]} {rest.split(' ', 1)[1]}") from None
 
 
-def load_with_progress(args: argparse.Namespace, path: Any) -> tuple[Any, Any]:
+def load_with_progress(args: argparse.Namespace, path: Path) -> tuple[Any, Any]:
     """Load the model directory ``path`` (from ``resolve_model(args.model)``) with a progress
     bar on stderr: ``(model, tokenizer)``. The bar shows only on a terminal, and disappears
     once the model is loaded."""
@@ -207,11 +228,42 @@ def load_with_progress(args: argparse.Namespace, path: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+class Loaded(NamedTuple):
+    """What ``chat`` and ``generate`` run with (:func:`load_for_generation`)."""
+
+    path: Path  # the model directory
+    model: Any
+    tokenizer: Any
+    sampling: Any  # SamplingParams: the model's defaults under the flags
+    seed: int | None
+
+
+def load_for_generation(args: argparse.Namespace, command: str) -> Loaded:
+    """The steps ``chat`` and ``generate`` share: check the flags, find the model, load it.
+
+    Everything that can be checked without the weights (``--max-tokens``, the sampling
+    flags, a missing model or tokenizer) is checked before loading them. With sampling and
+    no ``--seed``, a seed is picked, so that any reply can be reproduced (both commands
+    show it).
+    """
     import secrets
 
+    from minqwen2.paths import resolve_model
+    from minqwen2.sampling import GenerationError
+
+    if args.max_tokens < 1:
+        raise GenerationError(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
+    path = resolve_model(args.model)  # a missing model names the command that installs it
+    sampling = sampling_from_args(args, path)
+    if not (path / "tokenizer.json").is_file():
+        raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 {command}` needs one")
+    model, tokenizer = load_with_progress(args, path)
+    seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
+    return Loaded(path, model, tokenizer, sampling, seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from minqwen2.generate import generate
-    from minqwen2.registry import resolve_model
     from minqwen2.sampling import GenerationError
 
     prompt = args.prompt
@@ -221,22 +273,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if args.raw and args.system is not None:
         raise GenerationError("--system needs the chat template; it cannot be used with --raw")
-    if args.max_tokens < 1:
-        raise GenerationError(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
-
-    # Everything that can be checked without the weights is checked before loading them.
-    path = resolve_model(args.model)  # a missing model names the command that installs it
-    sampling = sampling_from_args(args, path)
-    if not (path / "tokenizer.json").is_file():
-        raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 generate` needs one")
-    model, tokenizer = load_with_progress(args, path)
+    run = load_for_generation(args, "generate")
+    sampling, tokenizer = run.sampling, run.tokenizer
     if sampling.greedy:
         ignored = [f for f in ("top_k", "top_p", "min_p") if getattr(args, f) is not None]
         if ignored:
             flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
             print(f"minqwen2: note: {flags} has no effect with temperature 0 (greedy)", file=sys.stderr)
-    # With sampling and no --seed, pick one and report it, so any reply can be reproduced.
-    seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
 
     if args.raw:
         prompt_ids = tokenizer.encode(prompt)
@@ -246,8 +289,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     steps = generate(
-        model, tokenizer, prompt_ids, max_tokens=args.max_tokens, sampling=sampling, seed=seed, stop=args.stop
-    )
+        run.model, tokenizer, prompt_ids, max_tokens=args.max_tokens, sampling=sampling, seed=run.seed,
+        stop=args.stop,
+    )  # fmt: skip
     last_char = ""
     try:
         for r in steps:
@@ -264,7 +308,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     reason = r.finish_reason
     if reason == "eos":
         reason = f"eos {tokenizer.id_to_token(r.token)}"
-    settings = "greedy" if sampling.greedy else f"temperature {sampling.temperature:g}, seed {seed}"
+    settings = "greedy" if sampling.greedy else f"temperature {sampling.temperature:g}, seed {run.seed}"
     print(
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
         f"generated: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
@@ -275,30 +319,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import secrets
-
-    from minqwen2.chat import ChatApp, ChatSession
+    from minqwen2.chat import ChatSession
     from minqwen2.loader import default_backend
-    from minqwen2.registry import resolve_model
-    from minqwen2.sampling import GenerationError
+    from minqwen2.tools.chat_app import ChatApp
 
-    if args.max_tokens < 1:
-        raise GenerationError(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
-    path = resolve_model(args.model)  # a missing model names the command that installs it
-    sampling = sampling_from_args(args, path)
-    if not (path / "tokenizer.json").is_file():
-        raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 chat` needs one")
-    model, tokenizer = load_with_progress(args, path)
-    # With sampling and no --seed, pick one and show it, so a conversation can be replayed.
-    seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
+    run = load_for_generation(args, "chat")
     session = ChatSession(
-        model, tokenizer, system=args.system, sampling=sampling, seed=seed, max_tokens=args.max_tokens,
-        stop=args.stop,
+        run.model, run.tokenizer, system=args.system, sampling=run.sampling, seed=run.seed,
+        max_tokens=args.max_tokens, stop=args.stop,
     )  # fmt: skip
     backend = args.backend or default_backend()
     dtype = args.dtype or ("float32" if backend == "numpy" else "bfloat16")
     bits = f", {args.bits}-bit" if args.bits else ""
-    app = ChatApp(session, markdown=not args.plain, description=f"{path.name} ({backend}, {dtype}{bits})")
+    app = ChatApp(session, markdown=not args.plain, description=f"{run.path.name} ({backend}, {dtype}{bits})")
     return app.run()
 
 
@@ -309,7 +342,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from minqwen2.tools.gguf_convert import convert_gguf
 
     if args.bits is not None:  # MLX-quantized checkpoint (minqwen2/quantize_mlx.py)
-        from minqwen2.quantize_mlx import convert_quantized
+        from minqwen2.tools.quantize import convert_quantized
 
         out = convert_quantized(args.gguf, args.out_dir, bits=args.bits, dtype=args.dtype, force=args.force)
         print(f"quantized {args.gguf} to {args.bits} bits → {out}", file=sys.stderr)
