@@ -47,7 +47,7 @@ from typing import Any
 
 from minqwen2.checkpoint import checkpoint_tensors, total_bytes
 from minqwen2.config import Qwen2Config
-from minqwen2.paths import DEFAULT_MODEL, is_model_dir, resolve_model, weights_dir
+from minqwen2.paths import DEFAULT_MODEL, is_model_dir, weights_dir
 
 # =====================================================================================
 # 1. The registry: published config.json files
@@ -403,17 +403,7 @@ def weight_bytes(config: Qwen2Config, dtype: str = "bfloat16", bits: int | None 
     return total_bytes(checkpoint_tensors(config), dtype, bits)
 
 
-def __getattr__(name: str) -> Any:
-    """The tables of ``minqwen2 models`` / ``info`` moved to ``minqwen2/tools/models.py``;
-    ``from minqwen2.registry import print_models_table`` (or ``print_info``) still works."""
-    if name in ("print_models_table", "print_info"):
-        from minqwen2.tools import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [  # resolve_model and is_model_dir live in paths.py, checkpoint_tensors in checkpoint.py
+__all__ = [  # checkpoint_tensors lives in checkpoint.py; the tables in tools/models.py
     "CONFIDENCE",
     "REGISTRY",
     "ParameterCount",
@@ -421,7 +411,5 @@ __all__ = [  # resolve_model and is_model_dir live in paths.py, checkpoint_tenso
     "checkpoint_tensors",
     "count_parameters",
     "find_model",
-    "is_model_dir",
-    "resolve_model",
     "weight_bytes",
 ]

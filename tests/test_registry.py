@@ -496,16 +496,6 @@ def test_resolve_other_downloaded_models_by_repo_id(weights):
 # ------------------------------------------------------------------- the CLI
 
 
-def test_the_old_import_names_still_work():
-    """``tools/cli.py`` and older code import these from the registry (they moved)."""
-    from minqwen2 import paths, registry
-    from minqwen2.tools import models
-
-    assert registry.print_models_table is models.print_models_table
-    assert registry.print_info is models.print_info
-    assert registry.resolve_model is paths.resolve_model
-
-
 def test_models_command_prints_every_model_with_its_numbers(weights, capsys):
     install_fake(weights, "qwen2-7b-instruct", find_model("qwen2-7b-instruct").config)
     install_fake(weights, DEFAULT_MODEL, find_model(DEFAULT_MODEL).config)
