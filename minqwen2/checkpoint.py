@@ -44,14 +44,17 @@ def attention_tensors(config: Qwen2Config) -> Shapes:
     return tensors
 
 
-def mlp_tensors(config: Qwen2Config, width: int | None = None) -> Shapes:
-    """A SwiGLU MLP's ``gate_proj``, ``up_proj`` (width, C) and ``down_proj`` (C, width).
-
-    ``width`` defaults to the dense MLP's ``F`` (``intermediate_size``); the shared expert
-    of a MoE block is the same module with its own width.
-    """
-    C, F = config.hidden_size, config.intermediate_size if width is None else width
+def swiglu_tensors(hidden_size: int, width: int) -> Shapes:
+    """A SwiGLU MLP's ``gate_proj``, ``up_proj`` (width, C) and ``down_proj`` (C, width)."""
+    C, F = hidden_size, width
     return {"gate_proj.weight": (F, C), "up_proj.weight": (F, C), "down_proj.weight": (C, F)}
+
+
+def mlp_tensors(config: Qwen2Config, width: int | None = None) -> Shapes:
+    """:func:`swiglu_tensors` of a layer's MLP: ``width`` defaults to the dense MLP's ``F``
+    (``intermediate_size``); the shared expert of a MoE block is the same module with its
+    own width, each routed expert with ``I``."""
+    return swiglu_tensors(config.hidden_size, config.intermediate_size if width is None else width)
 
 
 def moe_tensors(config: Qwen2Config, *, fused_experts: bool = False) -> Shapes:

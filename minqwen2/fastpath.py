@@ -26,8 +26,9 @@ matrix lies in memory as its transpose would in row-major order, ``W.T`` is a pl
 contiguous operand, and OpenBLAS runs its "no-transpose" kernel, which streams the matrix
 column by column and is faster on the two widest matrices: the ``lm_head`` ``(V, C)`` and
 each dense MLP's fused ``gate_up_proj`` ``(2F, C)``. (The down projection and the attention
-projections run faster row-major, and stay so.) Lesson 07 has the measured figures. The numbers agree with a row-major model to float32 round-off: the two kernels
-add the same products in different orders.
+projections run faster row-major, and stay so.) Lesson 07 has the measured figures. The
+numbers agree with a row-major model to float32 round-off: the two kernels add the same
+products in different orders.
 
 The NumPy loader (``loader.load_model``) applies the layout in two steps:
 

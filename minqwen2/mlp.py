@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from minqwen2 import fastpath
+from minqwen2.checkpoint import check_tensors, swiglu_tensors
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -47,11 +48,12 @@ class MLP:
     """
 
     def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
-        gate = np.asarray(weights["gate_proj.weight"], dtype=np.float32)  # (F, C)
-        up = np.asarray(weights["up_proj.weight"], dtype=np.float32)  # (F, C)
-        down = np.asarray(weights["down_proj.weight"], dtype=np.float32)  # (C, F)
-        assert gate.shape == up.shape and down.shape == gate.shape[::-1], (gate.shape, up.shape, down.shape)
-        self.hidden_size, self.intermediate_size = gate.shape[1], gate.shape[0]
+        # An MLP has no config: its widths are its gate's shape, and the rest must agree.
+        gate = weights.get("gate_proj.weight")
+        F, C = gate.shape if gate is not None and gate.ndim == 2 else (0, 0)
+        check_tensors(weights, swiglu_tensors(C, F), "MLP", dtype=np.dtype(np.float32))
+        gate, up, down = weights["gate_proj.weight"], weights["up_proj.weight"], weights["down_proj.weight"]
+        self.hidden_size, self.intermediate_size = C, F
         # gate and up read the same x, so they are one matrix product against the stacked
         # weights: rows [:F] are gate_proj, rows [F:] are up_proj. Unfused, this is
         #     gate, up = x @ gate.T, x @ up.T

@@ -27,6 +27,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from minqwen2.checkpoint import check_tensors, swiglu_tensors
 from minqwen2.linear_mlx import Weight, concat_rows, linear
 
 
@@ -52,13 +53,12 @@ class MLP:
     """
 
     def __init__(self, weights: Mapping[str, Weight]) -> None:
+        # As in mlp.py: the gate's shape gives the widths, and the rest must agree.
+        gate = weights.get("gate_proj.weight")
+        F, C = tuple(gate.shape)[-2:] if gate is not None and len(gate.shape) == 2 else (0, 0)
+        check_tensors(weights, swiglu_tensors(C, F), "MLP")
         gate, up, down = weights["gate_proj.weight"], weights["up_proj.weight"], weights["down_proj.weight"]
-        assert gate.shape == up.shape and tuple(down.shape) == tuple(gate.shape)[::-1], (
-            gate.shape,
-            up.shape,
-            down.shape,
-        )
-        self.intermediate_size, self.hidden_size = gate.shape
+        self.intermediate_size, self.hidden_size = F, C
         # rows [:F] are gate_proj, rows [F:] are up_proj: one product instead of two.
         self.gate_up_proj = concat_rows([gate, up])  # (2F, C)
         self.down_proj = down  # (C, F)

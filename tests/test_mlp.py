@@ -156,3 +156,30 @@ def test_fast_swiglu_equals_reference(exercise, lead, seed, scale):
     with fastpath.reference():
         reference = mlp(x)
     np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda w: w.pop("up_proj.weight"), r"missing \['up_proj.weight'\]"),
+        (lambda w: w.update({"up_proj.bias": np.zeros(37, np.float32)}), r"unexpected \['up_proj.bias'\]"),
+        (
+            lambda w: w.update({"down_proj.weight": np.zeros((48, 36), np.float32)}),
+            r"'down_proj.weight' is .*\(48, 36\), expected .*\(48, 37\)",
+        ),
+        (
+            lambda w: w.update({"gate_proj.weight": w["gate_proj.weight"].astype(np.float64)}),
+            r"'gate_proj.weight' is float64",
+        ),
+    ],
+)
+def test_bad_weights_are_named(change, message):
+    """The weights are checked as every component checks them (``checkpoint.check_tensors``):
+    a missing, extra, mis-shaped or non-float32 tensor is named, with what was expected."""
+    from minqwen2.errors import WeightsError
+
+    d = {"hidden_size": 48, "intermediate_size": 37}
+    weights = weights_of(Qwen2MLP(hf_config(d)).float().eval())
+    change(weights)
+    with pytest.raises(WeightsError, match=message):
+        MLP(weights)
