@@ -215,8 +215,8 @@ def test_cached_decoding_matches_hf_dynamic_cache(case, impl, B, chunks, capacit
         assert cache.length == past == hf_cache.get_seq_length(layer_idx)
 
 
-# Which layers slide differs between the two model types (config.py derives it; shared
-# reference §7). One explicit case each, so both rules are exercised on every run.
+# Which layers slide differs between the two model types (config.py derives it; docs/hf-semantics.md
+# §7). One explicit case each, so both rules are exercised on every run.
 @pytest.mark.parametrize(
     "model_type, layer_idx, slides",
     [

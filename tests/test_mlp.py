@@ -29,6 +29,7 @@ from strategies import qwen2_config_dicts
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from minqwen2 import fastpath
+from minqwen2 import mlp as mlp_module
 from minqwen2.mlp import MLP, silu, silu_mul_fast
 
 BUDGET = 2e-6  # relative to the first-order rounding bound, see the module docstring
@@ -134,27 +135,37 @@ def test_fast_swiglu_equals_reference(exercise, lead, seed, scale):
     divide, multiply) in the same order, only writing each result into one array, so every
     rounding is the same. Scales up to 1e4 reach the overflow of ``exp(-x)`` (x < -88.7).
 
-    Skipped while an exercise is installed: it compares the package's own two forms, and
-    a correct exercise may round differently (it is checked against HF above).
+    With an exercise installed this still compares the *package's* two forms: the
+    reference side uses the package's own ``silu`` and ``MLP`` (``exercise.originals``),
+    since a correct exercise may round differently (it is checked against HF above).
     """
-    if exercise is not None:
-        pytest.skip("compares the package's fast and reference forms")
+    originals = exercise.originals if exercise is not None else {}
+    ref_silu, RefMLP = originals.get("silu", silu), originals.get("MLP", MLP)
     rng = np.random.default_rng(seed)
     gate, up = (rng.standard_normal((2, *lead)) * scale).astype(np.float32)  # (..., F) each
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning from either form
-        np.testing.assert_array_equal(silu_mul_fast(gate, up), silu(gate) * up)
+        np.testing.assert_array_equal(silu_mul_fast(gate, up), ref_silu(gate) * up)
 
     C, F = 2 * lead[-1] + 7, 3 * lead[-1] + 2  # odd, distinct widths
-    mlp = MLP({
+    mlp = RefMLP({
         "gate_proj.weight": rng.standard_normal((F, C), dtype=np.float32),
         "up_proj.weight": rng.standard_normal((F, C), dtype=np.float32),
         "down_proj.weight": rng.standard_normal((C, F), dtype=np.float32),
     })  # fmt: skip
     x = (rng.standard_normal((*lead, C)) * scale / np.sqrt(C)).astype(np.float32)  # (..., C)
-    fast = mlp(x)
-    with fastpath.reference():
+    # The package's MLP reads the module's `silu`, which an exercise replaces: put the
+    # package's back for this comparison, and run both paths whatever the switch says.
+    saved_silu, was_reference = mlp_module.silu, not fastpath.enabled()
+    mlp_module.silu = ref_silu
+    try:
+        fastpath.use_reference(False)
+        fast = mlp(x)
+        fastpath.use_reference(True)
         reference = mlp(x)
+    finally:
+        mlp_module.silu = saved_silu
+        fastpath.use_reference(was_reference)
     np.testing.assert_array_equal(fast, reference)
 
 
