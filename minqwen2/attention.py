@@ -30,8 +30,10 @@ Qwen2's version, step by step (``Qwen2Attention`` in HF; the same for Qwen2-MoE)
 6. **Softmax** in float32, with the row maximum subtracted first, then ``P · v`` and the
    output projection ``o_proj``.
 
-Steps 4-6 are :func:`grouped_query_attention`, the formula above in eight lines. The
-module ends with a fast path (:func:`attention_fast`): the same numbers in fewer passes
+Steps 4-6 are :func:`grouped_query_attention`, the formula above in eight lines. A config
+with ``dual_chunk_attention_config`` replaces steps 2 and 4-6 by Dual Chunk Attention
+(``dca.py``: keys rotated by ``j mod chunk_len`` before the cache, the queries three ways
+inside the attention). The module ends with a fast path (:func:`attention_fast`): the same numbers in fewer passes
 over the scores; :mod:`minqwen2.fastpath` says which of the two runs.
 
 Shape legend: B batch, T new tokens (queries), S cached + new tokens (keys), C hidden
@@ -47,9 +49,10 @@ import numpy as np
 from minqwen2 import fastpath
 from minqwen2.checkpoint import attention_tensors, check_tensors
 from minqwen2.config import Qwen2Config
+from minqwen2.errors import CacheMismatchError
 from minqwen2.functional import softmax  # the one softmax; lesson 04 imports it from here too
-from minqwen2.kv_cache import LayerKVCache
-from minqwen2.rope import apply_rotary_pos_emb
+from minqwen2.kv_cache import LayerKVCache, key_rotation
+from minqwen2.rope import apply_rotary_pos_emb, compute_inv_freq
 
 
 def causal_mask(T: int, S: int, window: int | None = None) -> np.ndarray:
@@ -104,6 +107,16 @@ def grouped_query_attention(
     return out.reshape(B, H, T, D)  # (B, H, T, D)
 
 
+def check_cache_rotation(cache: LayerKVCache | None, rotation: str, layer_idx: int) -> None:
+    """Refuse a cache whose keys were rotated for another attention (``kv_cache.key_rotation``)."""
+    if cache is not None and cache.rotation != rotation:
+        raise CacheMismatchError(
+            f"layer {layer_idx}: the KV cache holds keys rotated for {cache.rotation!r} but this "
+            f"model's attention is {rotation!r}; a cache serves only the attention that wrote it "
+            "(make a new one with model.make_cache())"
+        )
+
+
 class Attention:
     """One decoder layer's self-attention (HF ``Qwen2Attention`` / ``Qwen2MoeAttention``).
 
@@ -117,7 +130,8 @@ class Attention:
     ``attention(x, cos, sin, cache)``: x ``(B, T, C)``; cos, sin ``(B or 1, T, D)`` for the
     positions ``cache.length + arange(T)`` (``arange(T)`` without a cache); returns
     ``(B, T, C)``. With a cache, the new keys/values are appended to it and the queries
-    attend to everything it holds.
+    attend to everything it holds. With Dual Chunk Attention the layer rotates q and k
+    itself (its positions are not the tokens' positions), and cos, sin are None.
     """
 
     def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, np.ndarray]):
@@ -130,6 +144,10 @@ class Attention:
         self.scaling = D**-0.5  # 1/sqrt(D) keeps q·k of unit-variance vectors at unit variance
         # The fast path's queries per block (attention_fast); None: query_block_size picks.
         self.query_block: int | None = None
+        self.dca = config.dual_chunk_attention  # None: plain causal attention
+        self.rotation = key_rotation(config)  # how the keys this layer caches are rotated
+        if self.dca is not None:
+            self.inv_freq = compute_inv_freq(config)[0]  # (D/2,): the model's own (DCA never interpolates)
 
         check_tensors(
             weights, attention_tensors(config), f"attention of layer {layer_idx}", dtype=np.dtype(np.float32)
@@ -148,14 +166,18 @@ class Attention:
         self.o_proj_weight = weights["o_proj.weight"]  # (C, H*D)
 
     def __call__(
-        self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerKVCache | None = None
+        self,
+        x: np.ndarray,
+        cos: np.ndarray | None,
+        sin: np.ndarray | None,
+        cache: LayerKVCache | None = None,
     ) -> np.ndarray:
         B, T, C = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         assert C == self.hidden_size and x.dtype == np.float32, (
             f"x {x.shape} {x.dtype}, expected (B, T, {C}) f32"
         )
-        assert cos.shape[-2:] == sin.shape[-2:] == (T, D), f"cos/sin {cos.shape}, expected (B or 1, {T}, {D})"
+        check_cache_rotation(cache, self.rotation, self.layer_idx)
 
         qkv = x @ self.qkv_weight.T  # (B, T, (H+2K)*D)
         if self.qkv_bias is not None:
@@ -167,6 +189,30 @@ class Attention:
         k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
 
+        if self.dca is not None:
+            out = self.dual_chunk(q, k, v, cache)  # (B, H, T, D)
+        else:
+            assert cos.shape[-2:] == sin.shape[-2:] == (T, D), (
+                f"cos/sin {cos.shape}, expected (B or 1, {T}, {D})"
+            )
+            out = self.causal(q, k, v, cos, sin, cache)  # (B, H, T, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
+        out = out @ self.o_proj_weight.T  # (B, T, C)
+        assert out.dtype == np.float32, out.dtype
+        return out
+
+    def causal(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        cos: np.ndarray,
+        sin: np.ndarray,
+        cache: LayerKVCache | None,
+    ) -> np.ndarray:
+        """Steps 2-6: RoPE, the cache, causal GQA. q ``(B, H, T, D)``, k, v ``(B, K, T, D)``
+        before RoPE; returns ``(B, H, T, D)``."""
+        T = q.shape[2]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # rotate by position, before caching
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D): cached + new
@@ -177,10 +223,31 @@ class Attention:
         else:
             mask = causal_mask(T, S, self.window)  # (T, S), aligned to the end
             out = grouped_query_attention(q, k, v, mask, self.scaling)  # (B, H, T, D)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
-        out = out @ self.o_proj_weight.T  # (B, T, C)
-        assert out.dtype == np.float32, out.dtype
         return out
+
+    def dual_chunk(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerKVCache | None
+    ) -> np.ndarray:
+        """Dual Chunk Attention (``dca.py``) in place of steps 2 and 4-6. q ``(B, H, T, D)``,
+        k, v ``(B, K, T, D)`` before RoPE; returns ``(B, H, T, D)``.
+
+        The keys are rotated by ``j mod chunk_len`` and cached so, unscaled; the queries are
+        rotated inside the attention, three ways; every logit gets ``s(S)²``, S = the
+        sequence's length at this call (``dca.dca_logit_scale``)."""
+        # Imported here, not at the top: dca.py builds on this module (causal_mask).
+        from minqwen2.dca import attend_rotated_keys, dca_logit_scale, rotate_keys
+
+        dca = self.dca
+        sizes = dict(chunk_size=dca.chunk_size, local_size=dca.local_size, inv_freq=self.inv_freq)
+        start = cache.length if cache is not None else 0  # position of the first new token
+        k = rotate_keys(k, start=start, **sizes)  # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, S, D): cached + new
+        S = k.shape[2]
+        logit_scale = dca_logit_scale(S, dca.original_max_position_embeddings)
+        return attend_rotated_keys(
+            q, k, v, scale=self.scaling, logit_scale=logit_scale, block=self.query_block, **sizes
+        )  # (B, H, T, D)
 
 
 # ------------------------------------------------------------------ fast path

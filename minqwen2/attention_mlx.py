@@ -25,6 +25,10 @@ RoPE before the cache, GQA, a mask aligned to the end of the cache, float32 soft
      every key held, so it needs no mask at all. A sliding-window layer passes the boolean
      ``(T, S)`` array the NumPy ``causal_mask`` builds (True = visible).
 
+With ``dual_chunk_attention_config``, steps 2 and 4 are ``dca_mlx.py``, the twin of
+``dca.py``: keys rotated by ``j mod chunk_len`` before the cache, the queries three ways
+inside the attention, the same refusal of a cache written by the other attention.
+
 Shape legend: B batch, T new tokens (queries), S cached + new tokens (keys), C hidden
 size, H query heads, K key/value heads, G = H // K, D head dim.
 """
@@ -35,11 +39,13 @@ from collections.abc import Mapping
 
 import mlx.core as mx
 
-from minqwen2.attention import causal_mask
+from minqwen2.attention import causal_mask, check_cache_rotation
 from minqwen2.checkpoint import attention_tensors, check_tensors
 from minqwen2.config import Qwen2Config
+from minqwen2.kv_cache import key_rotation
 from minqwen2.kv_cache_mlx import LayerKVCache
 from minqwen2.linear_mlx import Weight, concat_rows, linear
+from minqwen2.rope import compute_inv_freq
 from minqwen2.rope_mlx import RotaryEmbedding
 
 
@@ -76,6 +82,10 @@ class Attention:
         self.hidden_size = config.hidden_size  # C
         self.window = config.window_for_layer(layer_idx)  # W, or None for full causal attention
         self.scaling = self.head_dim**-0.5
+        self.dca = config.dual_chunk_attention  # None: plain causal attention
+        self.rotation = key_rotation(config)  # how the keys this layer caches are rotated
+        if self.dca is not None:
+            self.inv_freq = compute_inv_freq(config)[0]  # (D/2,) NumPy: the model's own frequencies
         # Every tensor of HF's state_dict, with its shape (checkpoint.py's schema), else a WeightsError.
         check_tensors(weights, attention_tensors(config), f"attention of layer {layer_idx}")
 
@@ -97,6 +107,19 @@ class Attention:
         k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
 
+        check_cache_rotation(cache, self.rotation, self.layer_idx)
+        if self.dca is not None:
+            out = self.dual_chunk(q, k, v, cache)  # (B, H, T, D)
+        else:
+            out = self.causal(q, k, v, rope, cache)  # (B, H, T, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
+        return linear(out, self.o_proj_weight)  # (B, T, C)
+
+    def causal(
+        self, q: mx.array, k: mx.array, v: mx.array, rope: RotaryEmbedding, cache: LayerKVCache | None
+    ) -> mx.array:
+        """RoPE, the cache, causal GQA: q ``(B, H, T, D)``, k, v ``(B, K, T, D)`` before RoPE."""
+        T = q.shape[2]
         offset = cache.length if cache is not None else 0
         q, k = rope(q, offset), rope(k, offset)  # rotate by position, before caching
         if cache is not None:
@@ -112,8 +135,23 @@ class Attention:
             # error grew from 0.9 to 11.8. So on the CPU the attention runs in float32 (the
             # T × S scores are a small part of the work).
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-        out = mx.fast.scaled_dot_product_attention(
+        return mx.fast.scaled_dot_product_attention(
             q, k, v, scale=self.scaling, mask=attention_mask(T, S, self.window)
         ).astype(dtype)  # (B, H, T, D)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
-        return linear(out, self.o_proj_weight)  # (B, T, C)
+
+    def dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, cache: LayerKVCache | None) -> mx.array:
+        """Dual Chunk Attention, as :meth:`minqwen2.attention.Attention.dual_chunk`."""
+        from minqwen2.dca import dca_logit_scale
+        from minqwen2.dca_mlx import attend_rotated_keys, rotate_keys
+
+        dca = self.dca
+        sizes = dict(chunk_size=dca.chunk_size, local_size=dca.local_size, inv_freq=self.inv_freq)
+        start = cache.length if cache is not None else 0  # position of the first new token
+        k = rotate_keys(k, start=start, **sizes)  # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, S, D): cached + new
+        S = k.shape[2]
+        logit_scale = dca_logit_scale(S, dca.original_max_position_embeddings)
+        return attend_rotated_keys(
+            q, k, v, scale=self.scaling, logit_scale=logit_scale, **sizes
+        )  # (B, H, T, D)

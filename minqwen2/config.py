@@ -16,6 +16,14 @@ Two spellings of the RoPE settings exist in the wild, and both load:
 Both end up as one dict, :attr:`Qwen2Config.rope_parameters`, always holding
 ``rope_type`` and ``rope_theta``.
 
+Long context comes in two forms (``long_context.py`` turns either on for a model that
+ships without it): a YaRN ``rope_scaling`` (``rope.py``), or a
+``"dual_chunk_attention_config": {"chunk_size", "local_size",
+"original_max_position_embeddings"}`` block (``dca.py``), read by vLLM and SGLang and by
+:class:`DualChunkAttentionConfig` here, with vLLM's defaults for missing keys. As in vLLM,
+on the DCA path a ``rope_scaling`` does not change the RoPE frequencies (Qwen's "YaRN +
+DCA" is only DCA's logit scale): it is ignored, with a warning.
+
 Shape letters, the one legend of the package (each module names the letters it uses;
 the fields of :class:`Qwen2Config` carry theirs as trailing comments)::
 
@@ -37,7 +45,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +165,7 @@ _FIELDS = {
     "max_window_layers",
     "layer_types",
     "qkv_bias",
+    "dual_chunk_attention_config",
     "num_experts",
     "num_experts_per_tok",
     "moe_intermediate_size",
@@ -165,6 +174,32 @@ _FIELDS = {
     "decoder_sparse_step",
     "mlp_only_layers",
 }
+
+
+@dataclass(frozen=True)
+class DualChunkAttentionConfig:
+    """``dual_chunk_attention_config`` (``dca.py``); missing keys take vLLM's defaults."""
+
+    chunk_size: int = 8192  # the largest query position, hence the largest relative distance
+    local_size: int = 1024  # the window of true distances across a chunk boundary
+    original_max_position_embeddings: int = 0  # the trained length in DCA's logit scale; 0: no scale
+
+    @property
+    def chunk_len(self) -> int:
+        """``chunk_size - local_size``: the length of one chunk of the sequence."""
+        return self.chunk_size - self.local_size
+
+
+#: The keys of ``dual_chunk_attention_config`` that the dense DCA of ``dca.py`` reads.
+DCA_KEYS = ("chunk_size", "local_size", "original_max_position_embeddings")
+#: vLLM's optional sparse prefill (MInference patterns, only beyond 32K tokens): an
+#: approximation of dense DCA that minqwen2 does not implement; it computes dense DCA.
+DCA_SPARSE_KEYS = (
+    "sparse_attention_config",
+    "sparse_attention_enabled",
+    "sparse_attention_threshold",
+    "sparse_attention_last_q",
+)
 
 
 @dataclass(frozen=True)
@@ -186,6 +221,8 @@ class Qwen2Config:
     layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention", one per layer
     sliding_window: int | None  # W, the keys a sliding layer sees (None: no layer slides)
     qkv_bias: bool = True
+    # Dual Chunk Attention (dca.py) instead of plain causal attention; None: plain.
+    dual_chunk_attention: DualChunkAttentionConfig | None = None
     # Mixture of experts (model_type "qwen2_moe"); zero/empty for dense Qwen2.
     num_experts: int = 0  # E
     num_experts_per_tok: int = 0  # k (top-k)
@@ -199,6 +236,8 @@ class Qwen2Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     source: str = "<dict>"  # the file this came from, for error messages
+    # What long_context.extend changed in config.json, one line each (empty: as published).
+    long_context_changes: tuple[str, ...] = ()
     unknown_keys: tuple[str, ...] = field(default=())
 
     # ------------------------------------------------------------------ derived
@@ -240,19 +279,39 @@ class Qwen2Config:
     # ----------------------------------------------------------- construction
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Qwen2Config:
-        """Read ``config.json`` (or a model directory holding one)."""
+    def from_file(
+        cls, path: str | Path, long_context: str | None = None, context: int | None = None
+    ) -> Qwen2Config:
+        """Read ``config.json`` (or a model directory holding one).
+
+        ``long_context`` (``"yarn"`` or ``"dca"``) and ``context`` extend a model's context
+        in memory, as its model card would have you edit the file (``long_context.py``).
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no such file (a model directory needs a config.json)")
-        return cls.from_dict(read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path), long_context=long_context, context=context)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> Qwen2Config:
-        """Validate a config dict (HF's field names, either RoPE spelling)."""
-        return _Parser(dict(d), source).parse()
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        source: str = "<dict>",
+        long_context: str | None = None,
+        context: int | None = None,
+    ) -> Qwen2Config:
+        """Validate a config dict (HF's field names, either RoPE spelling); see :meth:`from_file`."""
+        d, changes = dict(d), []
+        if long_context is not None:
+            from minqwen2.long_context import extend
+
+            d, changes = extend(d, long_context, context, source)
+        elif context is not None:
+            raise ConfigError(f"context = {context} needs long_context='yarn' or 'dca' to reach it")
+        config = _Parser(d, source).parse()
+        return replace(config, long_context_changes=tuple(changes)) if changes else config
 
 
 class _Parser:
@@ -338,6 +397,17 @@ class _Parser:
             )
 
         layer_types, window = self.sliding(model_type, n_layers, defaults)
+        dca = self.dual_chunk_attention(window)
+        if dca is not None and rope["rope_type"] != "default":
+            # vLLM's get_rope returns its DualChunkRotaryEmbedding before it reads
+            # rope_scaling: on the DCA path the frequencies are the model's own.
+            warnings.warn(
+                f"{self.source}: rope_scaling {rope['rope_type']!r} is ignored because "
+                "dual_chunk_attention_config is set (as in vLLM: Dual Chunk Attention keeps the "
+                "model's own RoPE frequencies; its logit scale plays YaRN's part)",
+                stacklevel=3,
+            )
+            rope = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
         fields: dict[str, Any] = dict(
             model_type=model_type,
             vocab_size=self.positive_int("vocab_size", self.get("vocab_size", defaults)),
@@ -353,6 +423,7 @@ class _Parser:
                 "tie_word_embeddings", self.get("tie_word_embeddings", defaults)
             ),
             rope_parameters=rope,
+            dual_chunk_attention=dca,
             layer_types=layer_types,
             sliding_window=window,
             bos_token_id=d.get("bos_token_id"),
@@ -430,6 +501,49 @@ class _Parser:
                     rope[k] = self.positive_float(f"{key}.{k}", rope[k])
             rope["truncate"] = self.boolean(f"{key}.truncate", rope["truncate"])
         return rope
+
+    def dual_chunk_attention(self, window: int | None) -> DualChunkAttentionConfig | None:
+        """``dual_chunk_attention_config``, checked, with vLLM's defaults; None if absent."""
+        key = "dual_chunk_attention_config"
+        block = self.d.get(key)
+        if block is None:
+            return None
+        if not isinstance(block, Mapping):
+            raise self.fail(key, block, 'an object such as {"chunk_size": 32768, "local_size": 1024}')
+        extra = sorted(set(block) - set(DCA_KEYS) - set(DCA_SPARSE_KEYS))
+        if extra:
+            raise ConfigError(
+                f"{self.source}: {key} has unsupported keys {extra}; expected only {list(DCA_KEYS)} "
+                f"(and vLLM's sparse-prefill keys {list(DCA_SPARSE_KEYS)}, which are ignored)"
+            )
+        sparse = [k for k in DCA_SPARSE_KEYS if block.get(k) not in (None, False)]
+        if sparse:
+            warnings.warn(
+                f"{self.source}: {key}: {', '.join(sparse)} ignored; minqwen2 computes dense "
+                "Dual Chunk Attention (vLLM's sparse prefill only approximates it, beyond 32K tokens)",
+                stacklevel=4,
+            )
+        defaults = DualChunkAttentionConfig()
+        sizes = {
+            k: self.positive_int(
+                f"{key}.{k}", block.get(k, getattr(defaults, k)), allow_zero=k != "chunk_size"
+            )
+            for k in DCA_KEYS
+        }
+        # dca.py's check of the two sizes, the one rule; imported here, as dca.py imports us.
+        from minqwen2.dca import chunk_length
+
+        try:
+            chunk_length(sizes["chunk_size"], sizes["local_size"])
+        except ValueError as err:
+            raise ConfigError(f"{self.source}: {key}: {err}") from None
+        if window is not None:
+            raise ConfigError(
+                f"{self.source}: {key} is set but some layers use sliding-window attention "
+                "(use_sliding_window); Dual Chunk Attention needs full attention on every layer, "
+                "as in vLLM (no released Qwen2 checkpoint slides)"
+            )
+        return DualChunkAttentionConfig(**sizes)
 
     def sliding(
         self, model_type: str, n_layers: int, defaults: dict[str, Any]

@@ -165,25 +165,33 @@ def dca_logit_scale(total_length: int, original_max_position_embeddings: int | N
 # ----------------------------------------------------------------------------- rotation
 
 
-def rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """RoPE on ``x (..., N, D)`` at integer ``positions (N,)`` (or one position, ``(1,)``).
+def rope_tables(
+    positions: np.ndarray, inv_freq: np.ndarray, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin ``(N, D/2)`` at integer ``positions (N,)``, the rounding of
+    :class:`~minqwen2.rope.RotaryEmbedding` for float32: the angle ``float32(p) * inv_freq``
+    rounded once in float32 (HF's rounding), cos/sin evaluated in float64 and rounded once.
+    For ``dtype`` float64 everything is float64 (the textbook check, where a float32 angle
+    would be the largest error). The MLX twin uses these tables too."""
+    positions = np.asarray(positions)
+    if dtype == np.float32:
+        angles = positions.astype(np.float32)[:, None] * inv_freq.astype(np.float32)  # (N, D/2)
+        return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(
+            np.float32
+        )
+    angles = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)  # (N, D/2)
+    return np.cos(angles), np.sin(angles)  # (N, D/2) each
 
-    The tables are :class:`~minqwen2.rope.RotaryEmbedding`'s for float32 ``x``: the angle
-    ``float32(p) * inv_freq`` rounded once in float32 (HF's rounding), cos/sin evaluated in
-    float64 and rounded once. For float64 ``x`` everything is float64 (the textbook check,
-    where a float32 angle would be the largest error). No attention scaling on cos/sin: DCA
-    applies its scale to the logits.
+
+def rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """RoPE on ``x (..., N, D)`` at integer ``positions (N,)`` (or one position, ``(1,)``),
+    with :func:`rope_tables` in x's dtype. No attention scaling on cos/sin: DCA applies its
+    scale to the logits.
     """
     dtype = x.dtype
     positions = np.asarray(positions)
     assert positions.ndim == 1 and positions.shape[0] in (1, x.shape[-2]), (positions.shape, x.shape)
-    if dtype == np.float32:
-        angles = positions.astype(np.float32)[:, None] * inv_freq.astype(np.float32)  # (N, D/2)
-        cos_half = np.cos(angles.astype(np.float64)).astype(np.float32)  # (N, D/2)
-        sin_half = np.sin(angles.astype(np.float64)).astype(np.float32)  # (N, D/2)
-    else:
-        angles = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)  # (N, D/2)
-        cos_half, sin_half = np.cos(angles), np.sin(angles)  # (N, D/2)
+    cos_half, sin_half = rope_tables(positions, inv_freq, dtype.type)  # (N, D/2) each
     cos = np.concatenate([cos_half, cos_half], axis=-1)  # (N, D): pair (j, j + D/2) shares f_j
     sin = np.concatenate([sin_half, sin_half], axis=-1)  # (N, D)
     out = x * cos + rotate_half(x) * sin  # (..., N, D)
@@ -205,6 +213,30 @@ def rotate_keys(
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+def check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    """q ``(B, H, T, D)`` and k, v ``(B, K, S, D)`` with ``H % K == 0``, ``0 < T <= S``
+    (the queries are the last T keys) and D even; else a ValueError saying so. (Any arrays
+    with ``ndim`` and ``shape``: the MLX twin checks with it too.)"""
+    if not (q.ndim == k.ndim == v.ndim == 4):
+        raise ValueError(
+            f"Dual Chunk Attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be 4-D: "
+            "(B, H, T, D) and (B, K, S, D)"
+        )
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if not (
+        tuple(k.shape) == tuple(v.shape) == (B, K, S, D)
+        and K > 0
+        and H % K == 0
+        and 0 < T <= S
+        and D % 2 == 0
+    ):
+        raise ValueError(
+            f"Dual Chunk Attention: q {tuple(q.shape)} must be (B, H, T, D) and k, v {tuple(k.shape)}, "
+            f"{tuple(v.shape)} (B, K, S, D) with H % K == 0, 0 < T <= S (the queries are the last T keys) and D even"
+        )
 
 
 def dual_chunk_attention(
@@ -232,6 +264,7 @@ def dual_chunk_attention(
     This is :func:`rotate_keys` followed by :func:`attend_rotated_keys`; a cached model
     calls the two separately, with the cache in between.
     """
+    check_shapes(q, k, v)  # before rotating: a bad shape gets this message, not one from inside RoPE
     k_rotated = rotate_keys(
         k, start=0, chunk_size=chunk_size, local_size=local_size, inv_freq=inv_freq
     )  # (B, K, S, D)
@@ -275,20 +308,9 @@ def attend_rotated_keys(
     Their scores side by side are the tile's scores over keys ``0 .. last row``, and the
     only hidden keys (j > i) are in the intra block: the plain causal mask, then one softmax.
     """
-    if not (q.ndim == k_rotated.ndim == v.ndim == 4):
-        raise ValueError(
-            f"Dual Chunk Attention: q {q.shape}, k {k_rotated.shape}, v {v.shape} must be 4-D: "
-            "(B, H, T, D) and (B, K, S, D)"
-        )
+    check_shapes(q, k_rotated, v)
     B, H, T, D = q.shape
     K, S = k_rotated.shape[1], k_rotated.shape[2]
-    if not (
-        k_rotated.shape == v.shape == (B, K, S, D) and K > 0 and H % K == 0 and 0 < T <= S and D % 2 == 0
-    ):
-        raise ValueError(
-            f"Dual Chunk Attention: q {q.shape} must be (B, H, T, D) and k, v {k_rotated.shape}, {v.shape} "
-            "(B, K, S, D) with H % K == 0, 0 < T <= S (the queries are the last T keys) and D even"
-        )
     dtype = q.dtype
     assert dtype in (np.float32, np.float64) and k_rotated.dtype == v.dtype == dtype, (
         f"q {q.dtype}, k {k_rotated.dtype}, v {v.dtype}: one float dtype (float32, or float64 for checks)"

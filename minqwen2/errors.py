@@ -21,3 +21,7 @@ class WeightsError(MinQwen2Error, ValueError):
 
 class ModelNotFoundError(MinQwen2Error, FileNotFoundError):
     """A model name or path that resolves to nothing installed."""
+
+
+class CacheMismatchError(MinQwen2Error, ValueError):
+    """A KV cache written one way (plain RoPE keys, or Dual Chunk Attention's) read the other."""

@@ -24,6 +24,10 @@ What is stored, per decoder layer::
 * ``rewind(length)`` forgets everything after ``length`` tokens by moving the end
   marker, nothing is cleared: the next update overwrites those rows. This is how a chat
   drops a rejected draft or re-uses the shared prefix of two prompts.
+* Keys remember **how they were rotated** (:func:`key_rotation`): plain RoPE rotates key j
+  by j; Dual Chunk Attention (``dca.py``) by ``j mod chunk_len``. The two caches hold
+  different numbers beyond ``chunk_len`` tokens, so attention refuses a cache written the
+  other way instead of silently attending to wrongly rotated keys.
 * Sliding-window layers keep every key too (HF keeps only the last ``W - 1``); the
   attention mask hides the ones outside the window. Released Qwen2 checkpoints never
   slide, so the simpler layout costs nothing in practice.
@@ -46,6 +50,13 @@ CHUNK = 256
 DEFAULT_CAPACITY = CHUNK
 
 
+def key_rotation(config: Qwen2Config) -> str:
+    """How ``config``'s attention rotates the keys it caches: ``"rope"`` (key j by j), or
+    ``"dca chunk_len=N"`` (by ``j mod N``, ``dca.py``). Attention compares it with the cache's."""
+    dca = config.dual_chunk_attention
+    return "rope" if dca is None else f"dca chunk_len={dca.chunk_len}"
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -53,13 +64,21 @@ def _round_up(n: int, multiple: int) -> int:
 class LayerKVCache:
     """One decoder layer's keys and values, preallocated as ``(B, K, capacity, D)``."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int = DEFAULT_CAPACITY):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int = DEFAULT_CAPACITY,
+        rotation: str = "rope",
+    ):
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be a positive number of tokens, got {capacity}")
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.keys = self.zeros(shape)  # (B, K, capacity, D)
         self.values = self.zeros(shape)  # (B, K, capacity, D)
         self.length = 0  # tokens held: rows [0, length) of axis 2 are valid
+        self.rotation = rotation  # how the keys are rotated (key_rotation)
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         """New storage, all zeros: float32 NumPy here (the MLX twin's is an ``mx.array``)."""
@@ -144,7 +163,12 @@ class KVCache:
             raise ValueError(f"KV cache capacity must be a positive number of tokens, got {capacity}")
         self.layers = [
             self.layer_class(
-                batch_size, config.num_key_value_heads, config.head_dim, capacity, **layer_options
+                batch_size,
+                config.num_key_value_heads,
+                config.head_dim,
+                capacity,
+                rotation=key_rotation(config),
+                **layer_options,
             )
             for _ in range(config.num_hidden_layers)
         ]
@@ -172,10 +196,15 @@ class KVCache:
     def __len__(self) -> int:
         return self.offset
 
+    @property
+    def rotation(self) -> str:
+        """How the keys are rotated (:func:`key_rotation`), the same in every layer."""
+        return self.layers[0].rotation
+
     def __repr__(self) -> str:
         return (
             f"KVCache(layers={len(self.layers)}, batch_size={self.batch_size}, offset={self.offset}, "
-            f"capacity={self.capacity}, {self.nbytes / 2**20:.1f} MiB)"
+            f"capacity={self.capacity}, {self.nbytes / 2**20:.1f} MiB, keys: {self.rotation})"
         )
 
     @property

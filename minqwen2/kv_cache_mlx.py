@@ -38,10 +38,11 @@ class LayerKVCache(kv_cache.LayerKVCache):
         num_kv_heads: int,
         head_dim: int,
         capacity: int = DEFAULT_CAPACITY,
+        rotation: str = "rope",
         dtype: mx.Dtype = mx.float32,
     ) -> None:
         self.dtype = dtype  # read by zeros(), which the sibling's constructor calls
-        super().__init__(batch_size, num_kv_heads, head_dim, capacity)
+        super().__init__(batch_size, num_kv_heads, head_dim, capacity, rotation)
 
     def zeros(self, shape: tuple[int, ...]) -> mx.array:
         """New storage, all zeros, in the cache's dtype."""

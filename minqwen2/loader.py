@@ -37,6 +37,8 @@ def load_model(
     backend: str | None = None,
     dtype: str | None = None,
     bits: int | None = None,
+    long_context: str | None = None,
+    context: int | None = None,
 ) -> Any:
     """Load only the model (see :func:`load`)."""
     from minqwen2.config import Qwen2Config
@@ -53,7 +55,7 @@ def load_model(
             )
         from minqwen2.model_mlx import load_mlx_model
 
-        return load_mlx_model(path, dtype=dtype, bits=bits)
+        return load_mlx_model(path, dtype=dtype, bits=bits, long_context=long_context, context=context)
 
     if dtype not in (None, "float32"):
         raise MinQwen2Error(
@@ -66,7 +68,7 @@ def load_model(
     from minqwen2.model import Qwen2Model
     from minqwen2.weights import load_weights
 
-    config = Qwen2Config.from_file(path / "config.json")
+    config = Qwen2Config.from_file(path / "config.json", long_context, context)
     # mmap=False: every weight in ordinary (huge-page) memory, read once; see weights.py.
     # The memory layout for BLAS is fastpath.py's: some matrices read column-major from
     # the file, the rest laid out once the model is built.
@@ -80,6 +82,8 @@ def load(
     backend: str | None = None,
     dtype: str | None = None,
     bits: int | None = None,
+    long_context: str | None = None,
+    context: int | None = None,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer: ``model, tokenizer = minqwen2.load()``.
 
@@ -89,6 +93,9 @@ def load(
     * ``dtype``: NumPy computes in ``"float32"`` only; MLX takes ``"float32"``,
       ``"bfloat16"`` (its default) or ``"float16"``.
     * ``bits``: ``None``, ``4`` or ``8`` (MLX only).
+    * ``long_context``: ``"yarn"`` or ``"dca"`` extends a model's context to ``context``
+      tokens (default: 4 × its trained length) as its model card says, in memory only
+      (``minqwen2/long_context.py``); ``model.config.long_context_changes`` lists the edits.
 
     A checkpoint without tokenizer files loads with ``tokenizer=None``.
     """
@@ -96,4 +103,5 @@ def load(
     from minqwen2.tokenizer import load_tokenizer
 
     path = resolve_model(model)
-    return load_model(path, backend=backend, dtype=dtype, bits=bits), load_tokenizer(path)
+    options = dict(backend=backend, dtype=dtype, bits=bits, long_context=long_context, context=context)
+    return load_model(path, **options), load_tokenizer(path)

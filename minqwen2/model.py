@@ -75,8 +75,8 @@ class DecoderLayer:
     def __call__(
         self,
         x: np.ndarray,  # (B, T, C)
-        cos: np.ndarray,  # (1, T, D)
-        sin: np.ndarray,  # (1, T, D)
+        cos: np.ndarray | None,  # (1, T, D); None with Dual Chunk Attention
+        sin: np.ndarray | None,  # (1, T, D)
         cache: LayerKVCache | None = None,
         trace: Trace | None = None,
     ) -> np.ndarray:
@@ -141,7 +141,9 @@ class Qwen2Model:
             offset = cache.offset
 
         positions = offset + np.arange(T)  # (T,) absolute positions of the new tokens
-        cos, sin = self.rotary_emb(positions)  # (1, T, D) each, shared by every layer
+        cos = sin = None  # Dual Chunk Attention rotates q and k inside each layer (dca.py)
+        if self.config.dual_chunk_attention is None:
+            cos, sin = self.rotary_emb(positions)  # (1, T, D) each, shared by every layer
 
         x = self.embed_tokens[ids]  # (B, T, C): row lookup (fancy indexing copies rows)
         if trace is not None:

@@ -226,13 +226,20 @@ class Qwen2Model:
         return y
 
 
-def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None = None) -> Qwen2Model:
+def load_mlx_model(
+    path: str | Path,
+    dtype: str | None = None,
+    bits: int | None = None,
+    long_context: str | None = None,
+    context: int | None = None,
+) -> Qwen2Model:
     """Load an HF-layout model directory (or a quantized MLX checkpoint) into :class:`Qwen2Model`.
 
     * ``dtype``: ``"float32"``, ``"bfloat16"`` (default) or ``"float16"``.
     * ``bits``: ``None``, ``4`` or ``8``: quantize the matrices at load time (group size 64).
       A checkpoint written by ``minqwen2 convert --bits`` is already quantized and loads as
       it is; ``bits`` may then be omitted, or must match the checkpoint's.
+    * ``long_context``, ``context``: extend the context (``minqwen2/long_context.py``).
 
     The steps are the module docstring's "Loading".
     """
@@ -246,7 +253,7 @@ def load_mlx_model(path: str | Path, dtype: str | None = None, bits: int | None 
         raise MinQwen2Error(f"bits = {bits!r} is not supported; expected None or one of {list(BITS)}")
     mx_dtype = DTYPES[dtype]
 
-    config, stored_bits = read_config(path)
+    config, stored_bits = read_config(path, long_context, context)
     if stored_bits is None:
         # mmap=False: each tensor is read into memory of its own, largest first, copied into
         # MLX (and quantized, with bits) and freed by to_mlx, so the float32 checkpoint is

@@ -200,8 +200,12 @@ def save_quantized(
     return out_dir
 
 
-def read_config(model_dir: str | Path) -> tuple[Qwen2Config, int | None]:
+def read_config(
+    model_dir: str | Path, long_context: str | None = None, context: int | None = None
+) -> tuple[Qwen2Config, int | None]:
     """A model directory's ``config.json``: the config, and the bits its weights are stored in.
+
+    ``long_context`` and ``context``: as :meth:`~minqwen2.config.Qwen2Config.from_file`.
 
     ``bits`` is ``None`` for an HF float checkpoint, 4 or 8 for one written by
     :func:`save_quantized`; the quantization keys are read here and removed before the
@@ -214,7 +218,7 @@ def read_config(model_dir: str | Path) -> tuple[Qwen2Config, int | None]:
     except (OSError, ValueError):
         raw = None  # Qwen2Config.from_file reports what is wrong
     if not isinstance(raw, dict) or QUANTIZATION_KEY not in raw:
-        return Qwen2Config.from_file(path), None
+        return Qwen2Config.from_file(path, long_context, context), None
     quantization = raw.pop(QUANTIZATION_KEY)
     raw.pop("quantization_config", None)
     quantization = quantization if isinstance(quantization, dict) else {}
@@ -224,7 +228,7 @@ def read_config(model_dir: str | Path) -> tuple[Qwen2Config, int | None]:
             f"{path}: key 'quantization' = {quantization!r} is not supported; expected "
             f"bits in {list(BITS)}, group_size {GROUP_SIZE}, mode 'affine'"
         )
-    return Qwen2Config.from_dict(raw, source=str(path)), bits
+    return Qwen2Config.from_dict(raw, source=str(path), long_context=long_context, context=context), bits
 
 
 def load_quantized(

@@ -209,6 +209,60 @@ def test_positions_stay_in_range_and_give_the_table_distances(chunk_len, local_f
                 assert delta == i[a] - j
 
 
+@pytest.mark.parametrize("chunk_len", range(1, 9))
+def test_positions_give_every_distance_of_the_table(chunk_len):
+    """Every pair j <= i over 4 chunks + 3 tokens, every valid local_size: Δ from the four
+    mappings, applied to whole grids of positions as attention applies them, is the table's.
+
+    Exhaustive where the drawn test above samples; it also checks that each mapping keeps
+    its input's shape and is an integer array (attention rotates a tile of queries at once).
+    The chunk of each position is computed here, not by the package.
+    """
+    n = 4 * chunk_len + 3
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]  # (n, 1) queries, (1, n) keys
+    gap = i // chunk_len - j // chunk_len  # (n, n): 0 same chunk, 1 previous, >= 2 older
+    for local_size in range(chunk_len):
+        cs = chunk_len + local_size
+        p_key = key_positions(j, cs, local_size)  # (1, n)
+        p_intra, p_succ, p_inter = (
+            f(i, cs, local_size) for f in (intra_positions, succ_positions, inter_positions)
+        )
+        for name, p, shape in (("key", p_key, j.shape), ("intra", p_intra, i.shape),
+                               ("succ", p_succ, i.shape), ("inter", p_inter, i.shape)):  # fmt: skip
+            p = np.asarray(p)
+            assert p.shape == shape and np.issubdtype(p.dtype, np.integer), (name, p.shape, p.dtype)
+        delta = np.where(gap == 0, p_intra, np.where(gap == 1, p_succ, p_inter)) - p_key  # (n, n)
+        expected = np.array([[relative_distance(a, b, cs, local_size) if b <= a else 0 for b in range(n)]
+                             for a in range(n)])  # fmt: skip
+        visible = j <= i
+        bad = np.argwhere(visible & (delta != expected))
+        assert not bad.size, (
+            f"chunk_size = {cs}, local_size = {local_size}: Δ(i, j) wrong at (i, j) = {bad[0].tolist()}: "
+            f"got {delta[tuple(bad[0])]}, the table says {expected[tuple(bad[0])]}"
+        )
+
+
+def test_attention_rotates_by_the_four_position_functions(monkeypatch):
+    """DCA takes every rotation position from ``key/intra/succ/inter_positions``, looked up in
+    ``minqwen2.dca`` at call time: so the lesson exercise that replaces them
+    (``lessons/exercises/10_dca.py``) is what the oracle tests below check through whole
+    attentions, too."""
+    import minqwen2.dca as dca
+
+    calls = dict.fromkeys(("key_positions", "intra_positions", "succ_positions", "inter_positions"), 0)
+    for name in calls:
+        function = getattr(dca, name)
+
+        def spy(*args, _function=function, _name=name, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(dca, name, spy)
+    c = dict(B=1, H=2, K=1, D=4, chunk_size=5, local_size=1, S=13, T=13, theta=1e4, block=None, seed=0)
+    run_dca(c, *tensors(c))  # 13 tokens, chunks of 4: intra, succ and inter blocks all present
+    assert all(calls.values()), calls
+
+
 # --------------------------------------------------------------------------- vs the oracle
 
 
