@@ -61,12 +61,14 @@ def exercise_constants(path: Path) -> dict[str, object]:
     return found
 
 
-def exercise_for(lesson: Path) -> Path:
+def exercises_for(lesson: Path) -> list[Path]:
+    """The lesson's exercises, ``exercises/NN_*.py``: one, or one per package module it
+    replaces (an exercise file has one TARGET; lesson 10 has YaRN's in ``rope`` and DCA's in ``dca``)."""
     matches = [e for e in EXERCISES if e.name[:2] == lesson.name[:2]]
-    assert len(matches) == 1, (
-        f"{lesson.name}: expected one lessons/exercises/{lesson.name[:2]}_*.py, found {matches}"
-    )
-    return matches[0]
+    assert matches, f"{lesson.name}: expected a lessons/exercises/{lesson.name[:2]}_*.py"
+    targets = [exercise_constants(e)["TARGET"] for e in matches]
+    assert len(set(targets)) == len(targets), f"{lesson.name}: two exercises for one module: {matches}"
+    return matches
 
 
 def lesson_needs_model(lesson: Path) -> bool:
@@ -196,10 +198,10 @@ def test_lesson_has_every_part_and_quotes_its_checker(lesson):
     assert "# %% [markdown]" in text and "save_figure(" in text
     missing = [part for part in REQUIRED_PARTS if part not in text]
     assert not missing, f"{lesson.name} lacks {missing}"
-    exercise = exercise_for(lesson)
-    check = exercise_constants(exercise)["CHECK"]
-    assert f"# {check}\n" in text, f"{lesson.name} must quote its checker: {check}"
-    assert f"`{exercise.relative_to(REPO_ROOT)}`" in text, f"{lesson.name} must name {exercise.name}"
+    for exercise in exercises_for(lesson):
+        check = exercise_constants(exercise)["CHECK"]
+        assert f"# {check}\n" in text, f"{lesson.name} must quote its checker: {check}"
+        assert f"`{exercise.relative_to(REPO_ROOT)}`" in text, f"{lesson.name} must name {exercise.name}"
 
 
 # ----------------------------------------------------------------------------- exercises
@@ -301,6 +303,68 @@ def test_checker_passes_on_the_reference(exercise, tmp_path):
     replaced = re.search(r"exercise: .* replaces .* \((\d+) references? patched\)", output)
     assert replaced and int(replaced.group(1)) >= len(constants["EXERCISE"]), output[:2000]
     assert re.search(r"\d+ passed", output) and " failed" not in output
+
+
+# Lesson 10's DCA exercise: plausible *wrong* position mappings, each one line off the
+# reference, in the exercise's own form. A checker that only caught NotImplementedError
+# would pass them; each must fail the exercise's CHECK.
+DCA_MAPPINGS = {
+    "key": "return np.asarray(j) % chunk_length(chunk_size, local_size)",
+    "intra": "return np.asarray(i) % chunk_length(chunk_size, local_size)",
+    "succ": "cl = chunk_length(chunk_size, local_size)\n    return np.minimum(np.asarray(i) % cl + cl, chunk_size)",
+    "inter": "chunk_length(chunk_size, local_size)\n    return np.full_like(np.asarray(i), chunk_size)",
+}
+DCA_MISTAKES = {
+    "the paper's cap, chunk_size - 1": {
+        "succ": "cl = chunk_length(chunk_size, local_size)\n    return np.minimum(np.asarray(i) % cl + cl, chunk_size - 1)",
+        "inter": "return np.full_like(np.asarray(i), chunk_size - 1)",
+    },
+    "succ not capped": {
+        "succ": "cl = chunk_length(chunk_size, local_size)\n    return np.asarray(i) % cl + cl"
+    },
+    "keys modulo chunk_size": {"key": "return np.asarray(j) % chunk_size"},
+    "inter a number, not an array": {"inter": "return chunk_size"},
+}
+DCA_EXERCISE_SOURCE = '''"""A wrong DCA exercise: {mistake}."""
+import numpy as np
+
+from minqwen2.dca import chunk_length
+
+TARGET = "minqwen2.dca"
+EXERCISE = ("key_positions", "intra_positions", "succ_positions", "inter_positions")
+
+
+def key_positions(j, chunk_size, local_size):
+    {key}
+
+
+def intra_positions(i, chunk_size, local_size):
+    {intra}
+
+
+def succ_positions(i, chunk_size, local_size):
+    {succ}
+
+
+def inter_positions(i, chunk_size, local_size):
+    {inter}
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", [*DCA_MISTAKES, "none (the reference, written out)"])
+def test_checker_of_10_dca_fails_on_wrong_position_mappings(mistake, tmp_path):
+    exercise = LESSONS_DIR / "exercises" / "10_dca.py"
+    mappings = {**DCA_MAPPINGS, **DCA_MISTAKES.get(mistake, {})}
+    path = tmp_path / "10_dca.py"
+    path.write_text(DCA_EXERCISE_SOURCE.format(mistake=mistake, **mappings))
+    result = run_checker(exercise, path, "-x")
+    output = result.stdout + result.stderr
+    assert f"exercise: {path} replaces minqwen2.dca.key_positions" in output, output[-3000:]
+    if mistake in DCA_MISTAKES:
+        assert result.returncode == 1 and " failed" in output, f"{mistake}: not caught\n{output[-3000:]}"
+    else:  # the control: the same template with nothing wrong passes, so the failures are the mistakes'
+        assert result.returncode == 0, output[-3000:]
 
 
 # ----------------------------------------------------------------------------- the switch itself
