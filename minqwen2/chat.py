@@ -301,7 +301,20 @@ class ChatSession:
                 f"the conversation outgrew the context ({before} tokens + room for a {room}-token reply > "
                 f"{context}): dropped the {dropped} oldest messages; the system prompt is kept"
             )
+        self._check_memory(ids)
         return ids
+
+    def _check_memory(self, ids: Sequence[int]) -> None:
+        """The memory plan (``minqwen2/memory.py``) for this turn, before any work: the cache
+        as it will grow, and the largest activation of the turn's prefill."""
+        from minqwen2.memory import MemoryPlanError, check_memory_plan, plan_for_model
+
+        total = min(len(ids) + self.max_tokens, self.context_size)
+        plan = plan_for_model(self.model, total, prompt_tokens=len(ids), cache=self.cache)
+        try:
+            check_memory_plan(plan)
+        except MemoryPlanError as err:
+            raise ChatError(str(err)) from err
 
     def _room(self) -> int:
         """Tokens kept free for a reply: ``max_tokens``, but at most a quarter of the context."""

@@ -111,7 +111,10 @@ def prefill(
         raise GenerationError(f"prefill chunk_size = {chunk_size} is out of range; expected an integer >= 1")
     for start in range(0, ids.size, chunk_size):
         logits = model(ids[None, start : start + chunk_size], cache=cache, last_only=True)  # (1, 1, V)
-    return np.asarray(logits, dtype=np.float32)[0, -1]  # (V,)
+        # Read back each chunk's logits: for MLX this runs the chunk now, so a long prompt
+        # holds one chunk's activations at a time instead of a lazy graph of all of them.
+        logits = np.asarray(logits, dtype=np.float32)  # (1, 1, V)
+    return logits[0, -1]  # (V,)
 
 
 def decode_step(model: Any, cache: Any, token: int) -> np.ndarray:
@@ -212,7 +215,9 @@ def generate(
       token is yielded (``token``) but its text (``<|im_end|>``) is not.
 
     A prompt that does not fit in the model's context (``max_position_embeddings``)
-    raises :class:`~minqwen2.sampling.GenerationError` naming both lengths. Generation
+    raises :class:`~minqwen2.sampling.GenerationError` naming both lengths; one whose
+    cache and activations would not fit in the free memory, a
+    :class:`~minqwen2.memory.MemoryPlanError` with the figures (``minqwen2/memory.py``). Generation
     also stops, with ``finish_reason="context"``, when the context fills up.
 
     The arguments are checked when ``generate`` is called; the model runs as the returned
@@ -236,8 +241,16 @@ def generate(
     model_dir, sampling = model_defaults(model, sampling)
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else _config_eos_ids(model_dir)
-    # Room for the whole reply up front, so the cache never grows mid-generation.
-    cache = model.make_cache(capacity=min(len(prompt_ids) + max_tokens, context))
+    # Room for the whole reply up front, so the cache never grows mid-generation; and
+    # before any work, the memory plan: weights + that cache + the largest activation
+    # against the free RAM (minqwen2/memory.py), refused with the figures if it cannot fit.
+    from minqwen2.memory import check_memory_plan, plan_for_model
+
+    total = min(len(prompt_ids) + max_tokens, context)
+    check_memory_plan(
+        plan_for_model(model, total, prompt_tokens=len(prompt_ids), chunk_size=prefill_chunk_size)
+    )
+    cache = model.make_cache(capacity=total)
     return decode_loop(
         model, cache, prompt_ids, sampler=Sampler(sampling, seed), tokenizer=tokenizer,
         eos_token_ids=eos_token_ids, max_tokens=max_tokens, stop=stop, prefill_chunk_size=prefill_chunk_size,

@@ -110,22 +110,19 @@ def extend(
 
 def describe(config: Any) -> str:
     """How ``config`` reaches its context: one line for ``minqwen2 info`` and the CLI."""
-    context = config.max_position_embeddings
+    context = f"{config.max_position_embeddings:,} tokens"
     dca = config.dual_chunk_attention
     if dca is not None:
-        scale = (
-            f", logits scaled beyond {dca.original_max_position_embeddings}"
-            if dca.original_max_position_embeddings
-            else ""
-        )
+        orig = dca.original_max_position_embeddings
+        scale = f", logits scaled beyond {orig:,}" if orig else ""
         return (
-            f"{context} tokens with Dual Chunk Attention (chunk_size {dca.chunk_size}, "
-            f"local_size {dca.local_size}{scale})"
+            f"{context} with Dual Chunk Attention (chunk_size {dca.chunk_size:,}, "
+            f"local_size {dca.local_size:,}{scale})"
         )
     rope = config.rope_parameters
     if rope["rope_type"] == "yarn":
         orig = rope["original_max_position_embeddings"]
-        return f"{context} tokens with YaRN (factor {rope['factor']:g} over a trained {orig})"
+        return f"{context} with YaRN (factor {rope['factor']:g} over a trained {orig:,})"
     if rope["rope_type"] in ("linear", "dynamic"):
-        return f"{context} tokens ({rope['rope_type']} RoPE scaling, factor {rope['factor']:g})"
-    return f"{context} tokens (as trained)"
+        return f"{context} ({rope['rope_type']} RoPE scaling, factor {rope['factor']:g})"
+    return f"{context} (max_position_embeddings, no extension)"

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import sys
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -307,20 +305,14 @@ def check_checkpoint(
 
 
 def available_memory() -> int:
-    """Bytes of RAM this process can still use (Linux: MemAvailable; else total RAM)."""
+    """Bytes of RAM this process can still use (:func:`minqwen2.memory.available_memory_bytes`);
+    where that cannot be told, a number so large that nothing is refused."""
+    from minqwen2.memory import MemoryPlanError, available_memory_bytes
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if sys.platform == "darwin" or hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            pass
-    return 1 << 62  # unknown: do not refuse
+        return available_memory_bytes()
+    except MemoryPlanError:
+        return 1 << 62  # unknown: do not refuse
 
 
 def check_memory(needed: int, model_dir: Path) -> None:

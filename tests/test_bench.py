@@ -11,7 +11,12 @@ checked is everything around the stopwatch:
   (a real check against the reference, computed here, not by the harness);
 * the bytes-per-token and FLOPs-per-token formulas equal sums over the tensors actually in
   a checkpoint (and, quantized, over the arrays MLX actually builds);
-* an engine that cannot run is skipped with its reason; bad flags fail with one line.
+* an engine that cannot run is skipped with its reason; bad flags fail with one line;
+* ``--prefill-lengths`` (long prompts, prefill only): one run on a tiny model writes the
+  documented report, its ratios are what the docstring says, an engine whose memory plan
+  does not fit is skipped at that length with the figures, and the FLOP formula equals
+  torch's own FLOP count of HF's forward pass, less the masked scores eager attention
+  computes; HF's memory plan counts its real parameters and its real ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,6 +38,7 @@ import torch
 from helpers import TINY_DENSE, TINY_MOE, random_hf_model, rewrite_config, save_hf_checkpoint
 from safetensors.numpy import load_file
 
+from minqwen2 import memory
 from minqwen2.config import Qwen2Config
 from minqwen2.tools import bench
 from minqwen2.tools.cli import main as cli_main
@@ -249,7 +256,8 @@ def test_prefill_flops_per_token_formula(tiny_dense, T):
 
 def flags(**changes) -> argparse.Namespace:
     values = dict(model=None, prompt_tokens=None, new_tokens=None, runs=None, engines=None, out="out",
-                  quick=False, mlx_prompt_tokens=None, mlx_new_tokens=None, mlx_lm_site=None, bandwidth_mib=1024)  # fmt: skip
+                  quick=False, mlx_prompt_tokens=None, mlx_new_tokens=None, mlx_lm_site=None, bandwidth_mib=1024,
+                  prefill_lengths=None)  # fmt: skip
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -366,3 +374,183 @@ def test_an_interrupted_f32_gguf_write_leaves_nothing(tmp_path, monkeypatch):
         bench.write_f32_gguf(src, tmp_path / "m-f32.gguf")
     assert "m-f32.gguf.partial" in written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# ------------------------------------------------------------------ --prefill-lengths: long prompts
+
+# The MLP (F = 4096) outweighs the rest here, so HF's one-pass prefill of 2,048 tokens needs more
+# activation memory than NumPy's chunks of 512: the memory plan can tell them apart.
+PREFILL_MODEL = dict(TINY_DENSE, hidden_size=64, intermediate_size=4096, num_attention_heads=4,
+                     num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=4096)  # fmt: skip
+SHORT, LONG = 64, 2048
+PREFILL_ENGINES = ("numpy", "hf-float32", "mlx-float32")
+
+
+@pytest.fixture(scope="module")
+def prefill_model(tmp_path_factory) -> Path:
+    return save_hf_checkpoint(random_hf_model(PREFILL_MODEL, seed=5), tmp_path_factory.mktemp("bench") / "mlp")
+
+
+@pytest.fixture(scope="module")
+def prefill_run(prefill_model, tmp_path_factory) -> tuple[dict, Path, int]:
+    """One ``--prefill-lengths 64,2048`` run, with the free memory set so that HF's plan fits
+    at 64 tokens and not at 2,048 (NumPy's and MLX's fit at both); (report, out dir, free bytes)."""
+    config = Qwen2Config.from_file(prefill_model)
+    specs = [bench.find_engine(name) for name in PREFILL_ENGINES]
+    margin = memory.MARGIN_MIN_BYTES  # the margin while the free memory is below 10 GiB
+    plans = {s.name: {T: bench.engine_memory_plan(s, config, T, 2 * margin) for T in (SHORT, LONG)} for s in specs}
+
+    def needs(name: str, T: int) -> int:  # its plan, and the other engines idle beside it
+        return plans[name][T].total + sum(bench.idle_bytes(p[T]) for n, p in plans.items() if n != name)
+
+    free = margin + needs("hf-float32", LONG) - 1
+    assert max(needs("numpy", LONG), needs("mlx-float32", LONG), needs("hf-float32", SHORT)) < free - margin
+    out = tmp_path_factory.mktemp("prefill-out")
+    args = flags(model=str(prefill_model), engines=",".join(PREFILL_ENGINES), runs=2, out=str(out),
+                 prefill_lengths=f"{LONG},{SHORT}")  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:  # the parent plans; the workers never ask
+        patch.setattr(memory, "available_memory_bytes", lambda: free)
+        assert bench.bench_main(args) == 0
+    return json.loads((out / "bench.json").read_text()), out, free
+
+
+def test_prefill_report_has_the_documented_schema(prefill_run):
+    report, out, free = prefill_run
+    assert report["mode"] == "prefill" and report["skipped"] == []
+    assert set(report["machine"]) >= {
+        "platform", "cpu", "cores", "numpy_blas", "blas_threads", "matmul_gflop_s_f32", "matmul_gflop_s_f32_measured",
+        "matmul_shape", "memory_available_bytes", "load_average_before", "load_average_after",
+        "other_processes_cpu_cores",
+    }  # fmt: skip
+    s = report["settings"]
+    assert (s["model"], s["prefill_lengths"], s["runs"], s["engines"]) == ("mlp", [SHORT, LONG], 2, list(PREFILL_ENGINES))
+    assert report["machine"]["memory_available_bytes"] == free
+    keys = {"name", "engine", "format", "prefill_tok_s", "prefill_fraction", "attention_core_share",
+            "attention_layer_share", "peak_rss_bytes", "peak_rss_scope", "memory_plan", "runs"}  # fmt: skip
+    short, long = report["lengths"]
+    assert (short["prompt_tokens"], long["prompt_tokens"]) == (SHORT, LONG)
+    assert [e["name"] for e in short["engines"]] == list(PREFILL_ENGINES) and short["skipped"] == []
+    assert [e["name"] for e in long["engines"]] == ["numpy", "mlx-float32"]
+    (skip,) = long["skipped"]
+    assert skip["engine"] == "hf-float32" and "does not fit in memory at 2,048 tokens" in skip["reason"]
+    for length in report["lengths"]:
+        assert set(length) == {"prompt_tokens", "flops_per_token", "attention_flops_per_token",
+                               "attention_flop_share", "compute_ceiling_tok_s", "engines", "skipped"}  # fmt: skip
+        for e in length["engines"]:
+            assert set(e) == keys, e["name"]
+            assert set(e["memory_plan"]) == {"weights", "kv_cache", "activations", "activations_what", "runtime", "total"}
+            assert len(e["runs"]) == 2 and all(set(r) == {"prefill_tok_s", "seconds", "attention_core_s",
+                "attention_layer_s", "peak_rss_bytes", "matmul_gflop_s_before"} for r in e["runs"])  # fmt: skip
+    assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_prefill_numbers_are_self_consistent(prefill_run, prefill_model):
+    report, _, free = prefill_run
+    m = report["machine"]
+    # Before the run, before each length of each round (2 x 2), after: the best counts.
+    assert len(m["matmul_gflop_s_f32_measured"]) == 1 + 2 * 2 + 1
+    assert m["matmul_gflop_s_f32"] == max(m["matmul_gflop_s_f32_measured"]) > 0
+    config = Qwen2Config.from_file(prefill_model)
+    for length in report["lengths"]:
+        T = length["prompt_tokens"]
+        assert length["flops_per_token"] == bench.prefill_flops_per_token(config, T)
+        assert length["attention_flops_per_token"] == bench.attention_flops_per_token(config, T)
+        assert length["attention_flop_share"] == pytest.approx(
+            length["attention_flops_per_token"] / length["flops_per_token"], rel=1e-12
+        )
+        assert length["compute_ceiling_tok_s"] == pytest.approx(
+            m["matmul_gflop_s_f32"] * 1e9 / length["flops_per_token"], rel=1e-12
+        )
+        for e in length["engines"]:
+            runs = e["runs"]
+            assert all(r["prefill_tok_s"] == pytest.approx(T / r["seconds"], rel=1e-12) for r in runs)
+            assert e["prefill_tok_s"] == statistics.median(r["prefill_tok_s"] for r in runs) > 0
+            assert e["prefill_fraction"] == pytest.approx(e["prefill_tok_s"] / length["compute_ceiling_tok_s"], rel=1e-12)
+            assert e["peak_rss_bytes"] == max(r["peak_rss_bytes"] for r in runs) > 0
+            assert e["peak_rss_scope"] == "run"  # Linux: VmHWM reset before each run
+            plan = bench.engine_memory_plan(bench.find_engine(e["name"]), config, T, free)
+            assert e["memory_plan"]["total"] == plan.total
+            if e["name"] == "numpy":  # minqwen2's own plan, as generate() would make it
+                assert plan.total == memory.memory_plan(config, T, available=free).total
+                assert 0 < e["attention_core_share"] <= e["attention_layer_share"] < 1
+                assert all(0 < r["attention_core_s"] <= r["attention_layer_s"] < r["seconds"] for r in runs)
+            else:  # MLX is lazy and HF's kernels are its own: no attention timing
+                assert e["attention_core_share"] is None and e["attention_layer_share"] is None
+
+
+def test_prefill_flops_are_torchs_count_of_hf_less_the_masked_scores(tiny_dense):
+    """torch's FlopCounterMode over HF's eager forward pass (``logits_to_keep=1``) counts every
+    matrix product: the projections, the lm_head once, and QKᵀ and P·V over the whole T × T
+    square; our formula counts the causal triangle, so the difference is exactly the masked
+    pairs, T·(T - 1)/2 per head and layer at 4·D FLOPs each."""
+    from helpers import as_reference
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hf = as_reference(random_hf_model(TINY_DENSE, seed=3))
+    config = Qwen2Config.from_file(tiny_dense)
+    L, H, D = config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    for T in (1, 9, 700):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            hf(torch.arange(T)[None] % config.vocab_size, logits_to_keep=1)
+        masked = 2 * L * H * D * T * (T - 1)  # 4·D FLOPs for each of the T(T-1)/2 hidden pairs
+        assert bench.prefill_flops_per_token(config, T) * T == counter.get_total_flops() - masked, T
+
+
+def test_hf_memory_plan_counts_its_parameters_and_its_cache(prefill_model):
+    """HF's plan: the parameters HF holds (a tied head once) and the DynamicCache it fills."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    hf = AutoModelForCausalLM.from_pretrained(prefill_model, dtype=torch.float32).eval()
+    config = Qwen2Config.from_file(prefill_model)
+    T = 300
+    with torch.inference_mode():
+        cache = DynamicCache(config=hf.config)
+        hf(torch.arange(T)[None] % config.vocab_size, cache=cache, use_cache=True, logits_to_keep=1)
+    plan = bench.engine_memory_plan(bench.find_engine("hf-float32"), config, T, 64 * 2**30)
+    assert plan.weights == sum(p.nbytes for p in hf.parameters())
+    assert plan.kv_cache == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert plan.runtime == bench.HF_RUNTIME_BYTES and plan.total == plan.weights + plan.kv_cache + plan.activations + plan.runtime
+
+
+def test_prefill_lengths_parse():
+    assert bench.parse_prefill_lengths(None) == ()
+    assert bench.parse_prefill_lengths("8192, 4096,4096,") == (4096, 8192)  # sorted, repeats dropped
+    for bad in ("", ",", "4k", "0,512", "-5"):
+        with pytest.raises(bench.BenchError, match="expected comma-separated prompt lengths >= 1"):
+            bench.parse_prefill_lengths(bad)
+
+
+def test_prefill_settings(prefill_model):
+    s = bench.settings_from_args(flags(model=str(prefill_model), prefill_lengths="512,64"))
+    assert (s.prefill_lengths, s.runs, tuple(s.engines), s.new_tokens) == ((64, 512), 1, bench.PREFILL_ENGINES, 0)
+    s = bench.settings_from_args(flags(model=str(prefill_model), prefill_lengths="64", runs=3,
+                                       engines="mlx-4bit,numpy,hf-bfloat16"))  # fmt: skip
+    assert (s.runs, tuple(s.engines)) == (3, ("numpy", "hf-bfloat16", "mlx-4bit"))  # ENGINES order
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(new_tokens=8), "--prefill-lengths times prefill alone, at its own lengths: --new-tokens does not apply"),
+        (dict(prompt_tokens=512), "--prompt-tokens does not apply"),
+        (dict(quick=True), "--quick does not apply"),
+        (dict(runs=0), "--runs 0 is out of range"),
+        (dict(engines="numpy,llama-cpp"), "--engines llama-cpp: --prefill-lengths times only numpy, hf-float32"),
+        (dict(engines="mlx-lm-4bit"), "--engines mlx-lm-4bit: --prefill-lengths times only"),
+        (dict(prefill_lengths="64,8192"), "--prefill-lengths 8192 exceeds the model's context"),
+    ],
+)  # fmt: skip
+def test_bad_prefill_flags_are_named(prefill_model, changes, message):
+    args = flags(model=str(prefill_model), **{"prefill_lengths": "64", **changes})
+    with pytest.raises(bench.BenchError, match=re.escape(message)):
+        bench.settings_from_args(args)
+
+
+def test_prefill_flag_through_the_cli(tiny_dense, tmp_path, capsys, monkeypatch):
+    """``minqwen2 bench --prefill-lengths`` as a user types it: a bad value is one line, status 1."""
+    monkeypatch.delenv("MINQWEN2_DEBUG", raising=False)
+    code, stderr = run_cli(capsys, "--model", str(tiny_dense), "--out", str(tmp_path / "out"),
+                           "--prefill-lengths", "64,many")  # fmt: skip
+    assert code == 1, stderr
+    assert "--prefill-lengths '64,many': expected comma-separated prompt lengths" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -142,11 +142,34 @@ BAD_INPUTS = {
     "raw with system": (["--prompt", "x", "--raw", "--system", "s"], "--system"),
     "unknown backend": (["--prompt", "x", "--backend", "tpu"], "invalid choice: 'tpu'"),
     "numpy bfloat16": (["--prompt", "x", "--dtype", "bfloat16"], "float32 only"),
+    "context without a mode": (["--prompt", "x", "--context", "2048"], "needs long_context='yarn' or 'dca'"),
+    "context not beyond": (
+        ["--prompt", "x", "--long-context", "yarn", "--context", "256"],
+        "must be an integer above the trained length 512",
+    ),
+    "unknown long context": (["--prompt", "x", "--long-context", "ntk"], "invalid choice: 'ntk'"),
     "prompt too long": (
         ["--prompt", "ab " * 600, "--raw"],
         r"prompt is \d+ tokens but the model's context is 512",
     ),
 }
+
+
+@pytest.mark.parametrize("mode", ["yarn", "dca"])
+def test_long_context_flags_extend_the_context_and_say_so(tiny, mode):
+    """A prompt too long for the tiny model's 512 tokens runs with ``--long-context``; the
+    reply is the library's with the same load, and stderr says what was changed."""
+    path = tiny[0]
+    prompt = "ab " * 300  # > 512 tokens
+    model, tokenizer = minqwen2.load(path, backend="numpy", long_context=mode, context=2048)
+    assert 512 < len(tokenizer.encode(prompt)) < 2048 - 4
+    expected = "".join(r.text for r in minqwen2.generate(model, tokenizer, prompt, max_tokens=4))
+    result = cli("--model", str(path), "--prompt", prompt, "--raw", "--max-tokens", "4", "--long-context", mode,
+                 "--context", "2048")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    assert f"minqwen2: --long-context {mode}: max_position_embeddings 512 -> 2048; " in result.stderr
+    assert ("rope_scaling" if mode == "yarn" else "dual_chunk_attention_config") in result.stderr
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -120,15 +120,15 @@ def test_long_context_recipes():
     config = Qwen2Config.from_dict(raw, long_context="yarn", context=4096)
     assert config.rope_type == "yarn" and config.rope_parameters["factor"] == 4.0
     assert config.long_context_changes == tuple(changes)
-    assert describe(config) == "4096 tokens with YaRN (factor 4 over a trained 1024)"
+    assert describe(config) == "4,096 tokens with YaRN (factor 4 over a trained 1,024)"
 
     config = Qwen2Config.from_dict(raw, long_context="dca")  # context defaults to 4 × trained
     assert config.max_position_embeddings == 4096
     assert config.dual_chunk_attention == DualChunkAttentionConfig(1024, 32, 1024)
-    assert describe(config).startswith(
-        "4096 tokens with Dual Chunk Attention (chunk_size 1024, local_size 32"
+    assert describe(config) == (
+        "4,096 tokens with Dual Chunk Attention (chunk_size 1,024, local_size 32, logits scaled beyond 1,024)"
     )
-    assert describe(Qwen2Config.from_dict(raw)) == "1024 tokens (as trained)"
+    assert describe(Qwen2Config.from_dict(raw)) == "1,024 tokens (max_position_embeddings, no extension)"
 
 
 def test_long_context_new_rope_spelling_keeps_theta():

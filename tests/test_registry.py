@@ -540,6 +540,22 @@ def test_info_command_for_a_registry_name(weights, capsys):
         assert text in out, text
 
 
+def test_info_command_with_long_context(weights, capsys):
+    """``info --long-context``: the context reached, what changed, the KV cache per token
+    (2 (K and V) × 28 layers × 4 KV heads × 128 dims × 4 bytes = 112 KiB in float32)."""
+    assert main(["info", "Qwen/Qwen2-7B-Instruct", "--long-context", "dca", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "131,072 tokens with Dual Chunk Attention (chunk_size 32,768, local_size 1,024",
+        "max_position_embeddings 32768 -> 131072",
+        "112 KiB float32 (NumPy), 56 KiB bfloat16",
+        "14 GiB float32 for the whole",
+    ):
+        assert text in out, text
+    assert main(["info", "Qwen/Qwen2-7B-Instruct", "--context", "131072"]) == 1
+    assert "needs long_context" in capsys.readouterr().err
+
+
 def test_info_command_for_a_directory(weights, tmp_path, capsys):
     directory = install_fake(tmp_path, "tiny", {**TINY_MOE, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert main(["info", str(directory)]) == 0

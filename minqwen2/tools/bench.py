@@ -15,6 +15,7 @@ ceiling is fast; one at 20% has work left, whatever the other engines do.
                    [--engines numpy,hf-float32,...] [--out benchmarks/results] [--quick]
                    [--mlx-prompt-tokens N] [--mlx-new-tokens N] [--mlx-lm-site DIR]
                    [--bandwidth-mib 1024]
+    minqwen2 bench --prefill-lengths 4096,8192,16384,32768 [--engines numpy,hf-float32] [--runs 1]
 
 The engines (``--engines``; the default is all of them)
 -------------------------------------------------------
@@ -22,7 +23,8 @@ The engines (``--engines``; the default is all of them)
   as ``generate.prefill`` feeds it (512-token chunks; llama.cpp's default batch is 512 too);
 * ``mlx-float32``, ``mlx-bfloat16``: minqwen2's MLX model (``backend="mlx", dtype=...``);
 * ``mlx-8bit``, ``mlx-4bit``: the same, quantized at load (``bits=8|4``, group size 64);
-* ``hf-float32``, ``hf-bfloat16``: HF transformers (needs torch), its default attention;
+* ``hf-float32``, ``hf-bfloat16``: HF transformers (needs torch), with sdpa attention (its
+  default, set explicitly: torch's blocked CPU kernel, which never holds a long prompt's scores);
 * ``mlx-lm-float32``, ``-bfloat16``, ``-8bit``, ``-4bit``: mlx-lm in each of our MLX formats;
 * ``llama-cpp``: llama-cpp-python on ``weights/<model name>.gguf`` (the file the default
   model was converted from, for Qwen2.5-Coder-0.5B-Instruct a mixed 4-8-bit file), if both
@@ -130,6 +132,38 @@ prefill FLOPs per token (:func:`prefill_flops_per_token`), for a prompt of ``T``
     ``lm_head``: ``2·V·C`` once, for the last position, shared by the ``T`` tokens.
     Every engine's prefill is compared with the *float32* compute ceiling (labelled so).
 
+Long prompts: ``--prefill-lengths``
+-----------------------------------
+``--prefill-lengths 4096,8192,16384,32768`` times prefill alone (no decode) at each length,
+for ``numpy`` and ``hf-float32`` by default (``--engines``: also ``hf-bfloat16`` and our MLX
+formats), all in one run: the engines are loaded side by side and, for every length of
+every round (``--runs``, default 1 here: a 32K NumPy prefill takes minutes), each runs once
+in turn. NumPy (and MLX) prefill as ``generate()`` does, in chunks of
+``generate.PREFILL_CHUNK_SIZE`` (512) tokens into a cache preallocated for the prompt (MLX
+evaluating each chunk before building the next); HF runs the prompt in one forward pass,
+with sdpa attention. Each engine warms up with one short prefill. Per length and engine:
+
+* prefill tok/s, and its fraction of the float32 **compute ceiling** at that length:
+  the matmul FLOP/s above (measured before the run, before each length of each round and
+  after; the best counts) over :func:`prefill_flops_per_token` at T tokens, whose
+  attention term ``2·L·H·D·(T + 1)`` (:func:`attention_flops_per_token`) is the causal
+  triangle of scores and ``P·v``: for the 0.5B model 3 % of the FLOPs of a 512-token
+  prompt, 20 % at 4,096 tokens, 66 % at 32,768;
+* for NumPy, **attention's share of the prefill time**, timed by wrappers around the
+  attention functions inside the timed runs (:class:`AttentionTimer`): "core" is the
+  scores, mask, softmax and ``P·v``, "layer" the whole attention module (also the q/k/v/o
+  projections, RoPE and the cache writes);
+* the worker's **peak RSS** during that run (``VmHWM`` reset through
+  ``/proc/self/clear_refs`` after freed memory is trimmed: :func:`measure_prefill`), next
+  to its **memory plan** (``minqwen2.memory``: weights + KV cache + activations + runtime;
+  for HF the same arithmetic for its one-pass prefill, :func:`hf_activation_bytes`). An
+  engine whose plan, with the other engines' weights beside it, does not fit in the memory
+  free before the run is skipped at that length, with the figures (:func:`prefill_fit`).
+
+Output: ``bench.json`` (schema in :func:`run_prefill_benchmark`), ``bench.png`` (tok/s against
+length with the ceiling; where NumPy's prefill time goes) and a table, under ``--out``
+(default ``benchmarks/results/prefill``).
+
 Output: a rich table, ``bench.json`` (schema in :func:`run_benchmark`) and ``bench.png``
 (decode and prefill per engine, each with its ceiling marked) under ``--out``. A
 benchmark, not a test: the numbers depend on the machine and on what else runs on it, so
@@ -139,7 +173,9 @@ the load average and the CPU time other processes used during the run are report
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -157,7 +193,8 @@ from typing import Any
 
 import numpy as np
 
-from minqwen2.checkpoint import GROUP_SIZE, checkpoint_tensors, total_bytes
+from minqwen2 import memory
+from minqwen2.checkpoint import DTYPE_BYTES, GROUP_SIZE, checkpoint_tensors, total_bytes
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
 from minqwen2.paths import REPO_ROOT
@@ -266,10 +303,20 @@ def prefill_flops_per_token(config: Qwen2Config, prompt_tokens: int) -> float:
         for name, shape in _tensors_one_token_reads(config).items()
         if name.startswith("model.layers.") and len(shape) >= 2  # matrices, and stacks of them
     )
-    L, H, D = config.num_hidden_layers, config.num_attention_heads, config.head_dim
-    attention = 2 * L * H * D * (T + 1)  # QKᵀ and PV over the causal triangle, per token
     head = 2 * config.vocab_size * config.hidden_size / T  # the last position's logits only
-    return 2 * layer_matrices + attention + head
+    return 2 * layer_matrices + attention_flops_per_token(config, T) + head
+
+
+def attention_flops_per_token(config: Qwen2Config, prompt_tokens: int) -> float:
+    """``2·L·H·D·(T + 1)``: QKᵀ and P·V over the causal triangle, per prompt token.
+
+    The token at position ``t`` scores ``t + 1`` keys and mixes ``t + 1`` values, ``2·H·D``
+    FLOPs each in each of ``L`` layers: ``Σ_t 4·L·H·D·(t + 1) = 2·L·H·D·T·(T + 1)`` in all.
+    The one part of a prefill that grows with the prompt's length (Dual Chunk Attention
+    scores the same triangle).
+    """
+    L, H, D = config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    return 2 * L * H * D * (prompt_tokens + 1)
 
 
 def gguf_bytes_per_token(path: Path) -> tuple[int, str]:
@@ -352,6 +399,10 @@ class MachineProbe:
 
     def ceilings(self, nbytes: int) -> dict[str, float]:
         return {"memory_bandwidth_gb_s": measure_bandwidth(nbytes), "matmul_gflop_s_f32": measure_matmul()}
+
+    def matmul(self) -> float:
+        """The matmul throughput alone, GFLOP/s: the ceiling of a prefill (``--prefill-lengths``)."""
+        return measure_matmul()
 
     def bandwidth(self, nbytes: int) -> float:
         """The bandwidth alone, fewer passes: the measurement taken just before each timed run."""
@@ -452,12 +503,97 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed since the last run back to the kernel, so a run's peak RSS is its own.
+
+    glibc keeps freed blocks below its trim threshold in the heap, where they would count
+    in the next run's resident set; ``malloc_trim(0)`` returns them (a no-op elsewhere).
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def reset_peak_rss() -> str:
+    """Restart ``VmHWM`` at the current RSS (Linux: ``5`` into ``/proc/self/clear_refs``).
+
+    Returns the scope the next :func:`peak_rss_bytes` covers: ``"run"``, or ``"process"``
+    where the high-water mark cannot be reset (then it is the peak since the worker started).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "run"
+    except OSError:
+        return "process"
+
+
+def measure_prefill(target: Any, ids: np.ndarray) -> dict[str, Any]:
+    """One timed prefill of ``ids (1, T)`` by a runner, with the worker's peak RSS during it."""
+    release_freed_memory()
+    scope = reset_peak_rss()
+    result = target.prefill(ids)  # {"seconds": ..., and whatever the runner also measures}
+    return {**result, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_scope": scope}
+
+
+class AttentionTimer:
+    """Seconds the NumPy model spends in attention, summed by wrappers around its functions.
+
+    ``core``: the scores, mask, softmax and ``P · v`` (``attention.attention_fast``, the
+    reference ``grouped_query_attention``, ``dca.attend_rotated_keys``), the part that grows
+    with the keys held. ``layer``: the whole attention module (``Attention.__call__``: also
+    the q/k/v/o projections, RoPE and the cache writes). Installed once per process; the
+    wrappers cost two clock reads per call (~50 calls per layer and chunk at most).
+    """
+
+    CORE = (("minqwen2.attention", "attention_fast"), ("minqwen2.attention", "grouped_query_attention"),
+            ("minqwen2.dca", "attend_rotated_keys"))  # fmt: skip
+
+    def __init__(self) -> None:
+        import importlib
+
+        from minqwen2.attention import Attention
+
+        self.core = self.layer = 0.0
+        for module_name, name in self.CORE:
+            module = importlib.import_module(module_name)
+            setattr(module, name, self._timed(getattr(module, name), "core"))
+        Attention.__call__ = self._timed(Attention.__call__, "layer")
+
+    def _timed(self, function: Any, counter: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
+
+        return timed
+
+
 class NumpyRunner:
     def __init__(self, path: Path, **_: Any) -> None:
         import minqwen2
 
         self.model = minqwen2.load_model(path, backend="numpy")
         self.version = "minqwen2 (NumPy)"
+        self.attention_timer: AttentionTimer | None = None  # installed by the first prefill()
+
+    def prefill(self, ids: np.ndarray) -> dict[str, float]:
+        """``--prefill-lengths``: a prefill as generate() runs it, and the attention's seconds."""
+        from minqwen2.generate import prefill
+
+        if self.attention_timer is None:
+            self.attention_timer = AttentionTimer()
+        timer = self.attention_timer
+        cache = self.model.make_cache(capacity=ids.shape[1])  # as generate() preallocates
+        timer.core = timer.layer = 0.0
+        t = time.perf_counter()
+        prefill(self.model, cache, ids[0])  # chunks of generate.PREFILL_CHUNK_SIZE
+        seconds = time.perf_counter() - t
+        return {"seconds": seconds, "attention_core_s": timer.core, "attention_layer_s": timer.layer}
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         from minqwen2.generate import prefill
@@ -485,6 +621,18 @@ class MLXRunner:
         self.mx = mx
         self.model = minqwen2.load_model(path, backend="mlx", dtype=dtype, bits=bits)
         self.version = f"minqwen2 (MLX {mx.__version__}, {mx.default_device()})"
+
+    def prefill(self, ids: np.ndarray) -> dict[str, float]:
+        """``--prefill-lengths``: chunks of generate.PREFILL_CHUNK_SIZE, each evaluated
+        before the next is built (so one chunk's attention scores are alive at a time)."""
+        from minqwen2.generate import PREFILL_CHUNK_SIZE
+
+        mx = self.mx
+        cache = self.model.make_cache(capacity=ids.shape[1])
+        t = time.perf_counter()
+        for start in range(0, ids.shape[1], PREFILL_CHUNK_SIZE):
+            mx.eval(self.model(ids[:, start : start + PREFILL_CHUNK_SIZE], cache=cache, last_only=True))
+        return {"seconds": time.perf_counter() - t}
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         mx = self.mx
@@ -560,8 +708,24 @@ class HFRunner:
         torch.set_num_threads(os.cpu_count() or 1)  # torch's default may be fewer than the cores
         transformers.utils.logging.disable_progress_bar()  # keep the benchmark's log readable
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        # sdpa (transformers 5's default, stated): with no padding mask it calls torch's
+        # scaled_dot_product_attention with is_causal and enable_gqa, whose CPU kernel works
+        # on blocks of keys, so a long prompt never holds its (H, T, T) scores.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        ).eval()
         self.version = f"transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+    def prefill(self, ids: np.ndarray) -> dict[str, float]:
+        """``--prefill-lengths``: the whole prompt in one forward pass, HF's own way."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            t = time.perf_counter()
+            self.model(torch.from_numpy(ids), cache=cache, use_cache=True, logits_to_keep=1)
+            return {"seconds": time.perf_counter() - t}
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         torch = self.torch
@@ -619,8 +783,8 @@ _RUNNERS = {"numpy": NumpyRunner, "mlx": MLXRunner, "mlx-lm": MLXLMRunner, "hf":
 def _worker_main(conn: Any, family: str, kwargs: dict[str, Any]) -> None:
     """A worker process: build the runner (timing the load), then answer commands.
 
-    Messages in: ``("run", ids, new_tokens)``, ``("peak_rss",)``, ``("ceilings", nbytes)``,
-    ``("facts",)``, ``("stop",)``. Out: ``("ok", value)`` or ``("error", "Type: message")``.
+    Messages in: ``("run", ids, new_tokens)``, ``("prefill", ids)``, ``("peak_rss",)``,
+    ``("ceilings", nbytes)``, ``("matmul",)``, ``("facts",)``, ``("stop",)``. Out: ``("ok", value)`` or ``("error", "Type: message")``.
     """
     try:
         t = time.perf_counter()
@@ -638,7 +802,12 @@ def _worker_main(conn: Any, family: str, kwargs: dict[str, Any]) -> None:
             conn.send(("ok", None))
             return
         try:
-            value = peak_rss_bytes() if command == "peak_rss" else getattr(target, command)(*args)
+            if command == "peak_rss":
+                value = peak_rss_bytes()
+            elif command == "prefill":
+                value = measure_prefill(target, *args)
+            else:
+                value = getattr(target, command)(*args)
             conn.send(("ok", value))
         except Exception as err:  # noqa: BLE001
             conn.send(("error", _one_line(err)))
@@ -709,6 +878,7 @@ class BenchSettings:
     ``mlx_prompt_tokens`` / ``mlx_new_tokens`` shorten the run of the MLX and mlx-lm
     engines only (MLX on a Linux CPU is slow); ``None`` means the common setting. Every
     such reduction is printed with the results and stored per engine in ``bench.json``.
+    ``prefill_lengths``: the long-prompt mode (``--prefill-lengths``; section 7) instead.
     """
 
     model_dir: Path
@@ -721,6 +891,7 @@ class BenchSettings:
     mlx_lm_site: str | None = None
     bandwidth_bytes: int = 2**30
     warmup_tokens: int = 4
+    prefill_lengths: tuple[int, ...] = ()
 
     def prompt_tokens_for(self, spec: EngineSpec) -> int:
         if spec.family in ("mlx", "mlx-lm") and self.mlx_prompt_tokens is not None:
@@ -1106,7 +1277,11 @@ def busy_warnings(report: dict[str, Any]) -> list[str]:
             f"the machine was busy before the run (load average {m['load_average_before'][0]:.2f} > "
             f"{BUSY_LOAD_AVERAGE}): these numbers are pessimistic; rerun on a quiet machine"
         )
-    above = [e["name"] for e in report["engines"] if max(e["decode_fraction"], e["prefill_fraction"]) > 1]
+    if report.get("mode") == "prefill":  # --prefill-lengths: one record per length and engine
+        above = list(dict.fromkeys(e["name"] for length in report["lengths"] for e in length["engines"]
+                                   if e["prefill_fraction"] > 1))  # fmt: skip
+    else:
+        above = [e["name"] for e in report["engines"] if max(e["decode_fraction"], e["prefill_fraction"]) > 1]
     if above:
         warnings.append(
             f"{', '.join(above)} ran above 100% of a ceiling: every measurement of that ceiling met a "
@@ -1268,7 +1443,405 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
 
 
 # =====================================================================================
-# 7. The command
+# 7. Long prompts: prefill only, at several lengths (--prefill-lengths)
+# =====================================================================================
+#
+# Section "Long prompts" of the module docstring says what is measured and why.
+
+#: The engine families whose runners have a ``prefill`` (NumPy, HF transformers, our MLX).
+PREFILL_FAMILIES = ("numpy", "hf", "mlx")
+#: ``--prefill-lengths`` without ``--engines``: minqwen2's NumPy model next to HF float32.
+PREFILL_ENGINES = ("numpy", "hf-float32")
+#: Tokens of each engine's warm-up prefill (BLAS buffers, the weights' pages), at most.
+PREFILL_WARMUP_TOKENS = 512
+#: What an HF transformers worker holds besides its plan's arrays: torch and transformers
+#: (360 MB measured with a tiny model loaded) and the allocator's slack.
+HF_RUNTIME_BYTES = 512 * memory.MiB
+
+
+def hf_activation_bytes(config: Qwen2Config, prompt_tokens: int, dtype_bytes: int) -> tuple[int, str]:
+    """``(bytes, what dominates)``: the largest activations of HF's one-pass prefill of T tokens.
+
+    HF runs the whole prompt at once (``logits_to_keep=1``), so every term is for all T
+    tokens, in ``b = dtype_bytes``; per token, in numbers::
+
+        residual stream  5 · C
+        MLP              3 · F          act(gate) and up, then their product
+        attention        (H + 2K)·D + 3·H·D + 3·K·D     q, k, v; RoPE's temporaries; the output
+                                                        and its transposed copy
+        MoE (instead)    k·(C + 3·I) + 4·E + 4·J + 6·C  the tokens gathered per expert
+
+    plus the flash kernel's log-sum-exp (``4·H·T``), RoPE's tables (``6·T·D`` float32) and
+    the last logits. The ``(H, T, T)`` scores are never held: sdpa's CPU kernel (``HFRunner``).
+    """
+    T, b = prompt_tokens, dtype_bytes
+    C, F, H, K, D = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                     config.num_key_value_heads, config.head_dim)  # fmt: skip
+    mlp = 3 * F
+    if config.is_moe:
+        E, k = config.num_experts, config.num_experts_per_tok
+        I, J = config.moe_intermediate_size, config.shared_expert_intermediate_size
+        mlp = max(mlp, k * (C + 3 * I) + 4 * E + 4 * J + 6 * C)
+    attention = (H + 2 * K) * D + 3 * H * D + 3 * K * D
+    what = f"the MLP ({T} tokens at once)" if mlp >= attention else f"q, k, v and RoPE ({T} tokens at once)"
+    return b * T * (5 * C + max(mlp, attention)) + 4 * H * T + 24 * T * D + 4 * config.vocab_size, what
+
+
+def engine_memory_plan(spec: EngineSpec, config: Qwen2Config, prompt_tokens: int, available: int) -> memory.MemoryPlan:
+    """What ``spec``'s worker will hold while it prefills ``prompt_tokens``, planned before loading.
+
+    Ours: :func:`minqwen2.memory.memory_plan` (chunks of ``PREFILL_CHUNK_SIZE``, a cache
+    preallocated for the prompt). HF: its weights, a ``DynamicCache`` of exactly T tokens
+    in its dtype, :func:`hf_activation_bytes` and :data:`HF_RUNTIME_BYTES`.
+    """
+    if spec.family in ("numpy", "mlx"):
+        return memory.memory_plan(config, prompt_tokens, backend=spec.family, dtype=spec.dtype, bits=spec.bits,
+                                  available=available)  # fmt: skip
+    b = DTYPE_BYTES[spec.dtype]
+    activations, what = hf_activation_bytes(config, prompt_tokens, b)
+    return memory.make_plan(
+        f"transformers {spec.dtype}", prompt_tokens, prompt_tokens, prompt_tokens,
+        weights=memory.weights_bytes(config, spec.dtype), kv_cache=memory.kv_cache_bytes_per_token(config, b) * prompt_tokens,
+        activations=activations, activations_what=what, runtime=HF_RUNTIME_BYTES, available=available,
+    )  # fmt: skip
+
+
+def idle_bytes(plan: memory.MemoryPlan) -> int:
+    """What a loaded engine holds between its runs: its weights and its runtime."""
+    return plan.weights + plan.runtime
+
+
+def prefill_fit(plans: dict[str, dict[int, memory.MemoryPlan]], name: str, T: int, available: int) -> str | None:
+    """Why engine ``name`` cannot prefill ``T`` tokens here, or None when it can.
+
+    All engines are loaded side by side, each idle while another runs, and freed memory is
+    trimmed after each run (:func:`release_freed_memory`): an engine fits at a length when
+    its plan there plus the others' weights and runtime stay below the memory that was
+    free before the benchmark started, less :func:`minqwen2.memory.safety_margin`.
+    """
+    plan = plans[name][T]
+    others = sum(idle_bytes(p[T]) for other, p in plans.items() if other != name)
+    usable = available - memory.safety_margin(available)
+    if plan.total + others <= usable:
+        return None
+    size = memory._size
+    return (
+        f"does not fit in memory at {T:,} tokens: its plan is {size(plan.total)} (weights {size(plan.weights)}, "
+        f"KV cache {size(plan.kv_cache)}, activations {size(plan.activations)}, runtime {size(plan.runtime)}) and "
+        f"the other engines hold {size(others)}, against {size(available)} free less a {size(available - usable)} margin"
+    )
+
+
+@dataclass
+class _Prefilled:
+    """One engine's prefill runs: per length, the worker's results of each run."""
+
+    spec: EngineSpec
+    worker: Worker
+    lengths: list[int]  # the lengths its memory plan fits
+    runs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    alive: bool = True  # False once its worker failed
+
+
+def run_prefill_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
+    """``--prefill-lengths``: prefill tok/s of each engine at each length; the report ``bench.json`` holds.
+
+    Schema: ``{"mode": "prefill", "machine": {platform, cpu, cores, numpy_blas, blas_threads,
+    matmul_gflop_s_f32, matmul_gflop_s_f32_measured, matmul_shape, memory_available_bytes,
+    load_average_before, load_average_after, other_processes_cpu_cores}, "settings": {model,
+    model_dir, prefill_lengths, runs, engines, chunk_size, warmup, prompt, date}, "lengths":
+    [{prompt_tokens, flops_per_token, attention_flops_per_token, attention_flop_share,
+    compute_ceiling_tok_s, "engines": [{name, engine, format, prefill_tok_s, prefill_fraction,
+    attention_core_share, attention_layer_share, peak_rss_bytes, peak_rss_scope, memory_plan:
+    {weights, kv_cache, activations, activations_what, runtime, total}, runs: [{prefill_tok_s,
+    seconds, attention_core_s, attention_layer_s, peak_rss_bytes, matmul_gflop_s_before}]}],
+    "skipped": [{engine, reason}]}], "skipped": [{engine, reason}]}``. Speeds and shares are
+    medians over the runs, the peak RSS their maximum; the attention entries are None for
+    engines that are not NumPy (MLX is lazy, HF's kernels are its own).
+    """
+    from minqwen2.generate import PREFILL_CHUNK_SIZE
+
+    config = Qwen2Config.from_file(settings.model_dir)
+    lengths = list(settings.prefill_lengths)
+    skipped: list[dict[str, str]] = []
+    runnable = []
+    for spec in (find_engine(name) for name in settings.engines):
+        reason = unavailable_reason(spec, settings)
+        if reason:
+            skipped.append({"engine": spec.name, "reason": reason})
+            log(f"skip {spec.name}: {reason}")
+        else:
+            runnable.append(spec)
+    ids, prompt_source = prompt_ids(settings.model_dir, config, max(lengths))
+
+    available = memory.available_memory_bytes()  # before any engine is loaded
+    plans = {spec.name: {T: engine_memory_plan(spec, config, T, available) for T in lengths} for spec in runnable}
+    misfits = {(s.name, T): why for s in runnable for T in lengths if (why := prefill_fit(plans, s.name, T, available))}
+    for spec in list(runnable):
+        if all((spec.name, T) in misfits for T in lengths):
+            skipped.append({"engine": spec.name, "reason": misfits[(spec.name, lengths[0])]})
+            log(f"skip {spec.name}: {misfits[(spec.name, lengths[0])]}")
+            runnable.remove(spec)
+
+    other_load = OtherLoad()
+    load_before = load_average()
+    if load_before and load_before[0] > BUSY_LOAD_AVERAGE:
+        log(f"warning: load average {load_before[0]:.2f} before the run: other processes compete for the "
+            "cores and the numbers will be pessimistic (Ctrl-C, and rerun on a quiet machine)")  # fmt: skip
+    probe = Worker("machine")
+    facts = probe.call("facts")
+    matmuls = [probe.call("matmul")]  # GFLOP/s: before, before each length of each round, after
+    log(f"float32 matmul ceiling: {matmuls[0]:.1f} GFLOP/s; {available / 2**30:.1f} GiB of memory free")
+
+    engines: list[_Prefilled] = []
+    for spec in runnable:
+        fitting = [T for T in lengths if (spec.name, T) not in misfits]
+        worker = None
+        try:
+            worker = Worker(spec.family, path=settings.model_dir, dtype=spec.dtype, bits=spec.bits)
+            log(f"  loaded {spec.name} ({worker.info['version']}) in {worker.info['load_s']:.1f} s")
+            worker.call("prefill", ids[:, : min(PREFILL_WARMUP_TOKENS, fitting[0])])  # warm-up
+        except EngineFailed as err:
+            skipped.append({"engine": spec.name, "reason": f"failed to load or warm up: {err}"})
+            log(f"  skip {spec.name}: {err}")
+            if worker is not None:
+                worker.close()
+            continue
+        engines.append(_Prefilled(spec, worker, fitting, {T: [] for T in fitting}))
+
+    for r in range(settings.runs):
+        for T in lengths:
+            matmuls.append(probe.call("matmul"))
+            for e in engines:  # interleaved: every engine once per length and round
+                if not e.alive or T not in e.lengths:
+                    continue
+                try:
+                    result = e.worker.call("prefill", ids[:, :T])
+                except EngineFailed as err:  # killed, out of memory: keep what it measured
+                    skipped.append({"engine": e.spec.name, "reason": f"failed at {T:,} tokens in run {r + 1}: {err}"})
+                    log(f"  skip {e.spec.name} from now on: {err}")
+                    e.worker.close()
+                    e.alive = False
+                    continue
+                e.runs[T].append({**result, "matmul_gflop_s_before": matmuls[-1]})
+                _log_prefill_run(log, r, settings.runs, T, e.spec.name, result, plans[e.spec.name][T])
+    matmuls.append(probe.call("matmul"))
+    probe.close()
+    for e in engines:
+        if e.alive:
+            e.worker.close()
+    gflops = max(matmuls)  # a ceiling: every measurement counts
+    return _prefill_report(settings, config, lengths, engines, plans, misfits, skipped, prompt_source, facts,
+                           matmuls, gflops, available, load_before, other_load, PREFILL_CHUNK_SIZE)  # fmt: skip
+
+
+def _log_prefill_run(
+    log: Any, r: int, runs: int, T: int, name: str, result: dict[str, Any], plan: memory.MemoryPlan
+) -> None:
+    core = result.get("attention_core_s")
+    share = f"   attention {result['attention_core_s'] / result['seconds']:4.0%} of it" if core is not None else ""
+    log(f"  run {r + 1}/{runs} {T:7,d} tokens {name:12s} prefill {T / result['seconds']:8.2f} tok/s{share}"
+        f"   peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB (plan {plan.total / 2**30:.2f} GiB)")  # fmt: skip
+
+
+def _median_share(runs: list[dict[str, Any]], key: str) -> float | None:
+    if runs[0].get(key) is None:
+        return None
+    return statistics.median(run[key] / run["seconds"] for run in runs)
+
+
+def _prefill_report(
+    settings: BenchSettings, config: Qwen2Config, lengths: list[int], engines: list[_Prefilled],
+    plans: dict[str, dict[int, memory.MemoryPlan]], misfits: dict[tuple[str, int], str],
+    skipped: list[dict[str, str]], prompt_source: str, facts: dict[str, Any], matmuls: list[float],
+    gflops: float, available: int, load_before: list[float] | None, other_load: OtherLoad, chunk_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The ``bench.json`` of :func:`run_prefill_benchmark` (its docstring has the schema)."""
+    others = other_load.cores()
+    by_name = {e.spec.name: e for e in engines}
+    per_length = []
+    for T in lengths:
+        flops = prefill_flops_per_token(config, T)
+        attention = attention_flops_per_token(config, T)
+        ceiling = gflops * 1e9 / flops
+        records, length_skips = [], []
+        for name in plans:  # every engine that was planned, in --engines order
+            e = by_name.get(name)
+            runs = e.runs.get(T, []) if e is not None else []
+            if not runs:
+                if (name, T) in misfits:
+                    length_skips.append({"engine": name, "reason": misfits[(name, T)]})
+                elif e is not None:
+                    length_skips.append({"engine": name, "reason": "its worker failed before this length"})
+                continue  # (an engine that failed to load is in the report's "skipped")
+            speed = statistics.median(T / run["seconds"] for run in runs)
+            plan = plans[name][T]
+            records.append({
+                "name": name,
+                "engine": e.worker.info["version"],
+                "format": e.spec.format,
+                "prefill_tok_s": speed,
+                "prefill_fraction": speed / ceiling,
+                "attention_core_share": _median_share(runs, "attention_core_s"),
+                "attention_layer_share": _median_share(runs, "attention_layer_s"),
+                "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
+                "peak_rss_scope": runs[0]["peak_rss_scope"],
+                "memory_plan": {k: getattr(plan, k) for k in
+                                ("weights", "kv_cache", "activations", "activations_what", "runtime", "total")},
+                "runs": [{"prefill_tok_s": T / run["seconds"], **{k: run.get(k) for k in
+                          ("seconds", "attention_core_s", "attention_layer_s", "peak_rss_bytes",
+                           "matmul_gflop_s_before")}} for run in runs],
+            })  # fmt: skip
+        per_length.append({
+            "prompt_tokens": T,
+            "flops_per_token": flops,
+            "attention_flops_per_token": attention,
+            "attention_flop_share": attention / flops,
+            "compute_ceiling_tok_s": ceiling,
+            "engines": records,
+            "skipped": length_skips,
+        })  # fmt: skip
+    return {
+        "mode": "prefill",
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "numpy_blas": facts["numpy_blas"],
+            "blas_threads": facts["blas_threads"],
+            "matmul_gflop_s_f32": gflops,
+            "matmul_gflop_s_f32_measured": matmuls,
+            "matmul_shape": list(MATMUL_SHAPE),
+            "memory_available_bytes": available,
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "other_processes_cpu_cores": None if others is None else round(others, 2),
+        },
+        "settings": {
+            "model": settings.model_dir.name,
+            "model_dir": str(settings.model_dir),
+            "prefill_lengths": lengths,
+            "runs": settings.runs,
+            "engines": list(settings.engines),
+            "chunk_size": chunk_size,
+            "warmup": f"one prefill of {PREFILL_WARMUP_TOKENS} tokens (or the shortest length) per engine",
+            "prompt": prompt_source,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        },
+        "lengths": per_length,
+        "skipped": skipped,
+    }
+
+
+def print_prefill_report(report: dict[str, Any], console: Any) -> None:
+    """The ``--prefill-lengths`` table (one row per length and engine), then the notes."""
+    from rich.table import Table
+
+    m, s = report["machine"], report["settings"]
+    table = Table(title=f"{s['model']}: prefill only, median of {s['runs']} run{'s' if s['runs'] > 1 else ''}")
+    table.add_column("prompt tokens", justify="right")
+    table.add_column("engine", no_wrap=True)
+    table.add_column("format")
+    for header in ("prefill tok/s", "% f32 compute ceiling", "compute ceiling tok/s",
+                   "attention share of the time: core / layer", "peak RSS", "memory plan"):  # fmt: skip
+        table.add_column(header, justify="right")
+    for length in report["lengths"]:
+        T = length["prompt_tokens"]
+        for e in length["engines"]:
+            core, layer = e["attention_core_share"], e["attention_layer_share"]
+            share = f"{_percent(core)} / {_percent(layer)}" if core is not None else "-"
+            table.add_row(
+                f"{T:,}", e["name"], e["format"], f"{e['prefill_tok_s']:.1f}", _percent(e["prefill_fraction"]),
+                f"{length['compute_ceiling_tok_s']:.0f}", share, f"{e['peak_rss_bytes'] / 2**30:.2f} GiB",
+                f"{e['memory_plan']['total'] / 2**30:.2f} GiB",
+            )  # fmt: skip
+        for skip in length["skipped"]:
+            table.add_row(f"{T:,}", skip["engine"], "", "skipped", "", f"{length['compute_ceiling_tok_s']:.0f}",
+                          "", "", "")  # fmt: skip
+    console.print(table)
+
+    def note(text: str, style: str = "") -> None:
+        console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    M, K, N = m["matmul_shape"]
+    note(f"compute ceiling = float32 matmul {m['matmul_gflop_s_f32']:.0f} GFLOP/s (the best of "
+         f"{len(m['matmul_gflop_s_f32_measured'])}: before the run, before each length of each round, after; "
+         f"({M}, {K}) @ ({K}, {N})) / prefill FLOPs per token, 2·P + 2·L·H·D·(T + 1) + 2·V·C/T")  # fmt: skip
+    note("attention's share of the FLOPs (2·L·H·D·(T + 1) per token): " + "; ".join(
+        f"{length['prompt_tokens']:,} tokens {_percent(length['attention_flop_share'])}"
+        for length in report["lengths"]))  # fmt: skip
+    note("attention share of the time (NumPy): core = the scores, mask, softmax and P·v "
+         "(attention_fast / dca.attend_rotated_keys), layer = the whole attention module (also q/k/v/o, RoPE, "
+         "the cache), both timed by wrappers in the timed runs themselves")  # fmt: skip
+    scopes = {e["peak_rss_scope"] for length in report["lengths"] for e in length["engines"]}
+    note("peak RSS: " + ("the worker's VmHWM, reset before each run (freed memory trimmed first)" if scopes == {"run"}
+         else "the worker's peak since it started (VmHWM could not be reset here)")
+         + "; memory plan: minqwen2.memory's weights + KV cache + activations + runtime (HF: the same arithmetic "
+         "for its one-pass prefill)")  # fmt: skip
+    note(f"machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; NumPy BLAS {m['numpy_blas']}, "
+         f"threads {m['blas_threads']}; {m['memory_available_bytes'] / 2**30:.1f} GiB free before the run")  # fmt: skip
+    others = m["other_processes_cpu_cores"]
+    note(f"load average before {m['load_average_before']}, after {m['load_average_after']}"
+         + ("" if others is None else f"; other processes used {others:.2f} cores on average during the run"))
+    note(f"prompt: {s['prompt']}; NumPy and MLX prefill in chunks of {s['chunk_size']} tokens, HF in one pass "
+         f"(sdpa); warm-up: {s['warmup']}; engines run interleaved, every length in every round")  # fmt: skip
+    for skip in report["skipped"]:
+        note(f"skipped {skip['engine']}: {skip['reason']}", style="yellow")
+    for length in report["lengths"]:
+        for skip in length["skipped"]:
+            note(f"skipped {skip['engine']} at {length['prompt_tokens']:,} tokens: {skip['reason']}", style="yellow")
+    for warning in busy_warnings(report):
+        note(f"warning: {warning}", style="bold red")
+
+
+def write_prefill_chart(report: dict[str, Any], path: Path) -> None:
+    """``bench.png`` of ``--prefill-lengths``: tok/s against length with the ceiling; NumPy's attention share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, s, lengths = report["machine"], report["settings"], report["lengths"]
+    fig, (ax_speed, ax_share) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = [length["prompt_tokens"] for length in lengths]
+    ax_speed.plot(x, [length["compute_ceiling_tok_s"] for length in lengths], "k--", marker="_",
+                  label=f"float32 compute ceiling ({m['matmul_gflop_s_f32']:.0f} GFLOP/s ÷ FLOPs per token)")  # fmt: skip
+    names = dict.fromkeys(e["name"] for length in lengths for e in length["engines"])
+    for name in names:
+        points = [(length["prompt_tokens"], e["prefill_tok_s"]) for length in lengths for e in length["engines"]
+                  if e["name"] == name]  # fmt: skip
+        ax_speed.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax_speed.set_xscale("log", base=2)
+    ax_speed.set_xticks(x, [f"{T:,}" for T in x], fontsize=8)
+    ax_speed.set_ylim(bottom=0)
+    ax_speed.set_xlabel("prompt tokens")
+    ax_speed.set_ylabel("prefill tok/s")
+    ax_speed.set_title("prefill speed")
+    ax_speed.legend(fontsize=8)
+
+    numpy_rows = [(length["prompt_tokens"], e) for length in lengths for e in length["engines"]
+                  if e["attention_core_share"] is not None]  # fmt: skip
+    labels = [f"{T:,}" for T, _ in numpy_rows]
+    core = [100 * e["attention_core_share"] for _, e in numpy_rows]
+    rest = [100 * (e["attention_layer_share"] - e["attention_core_share"]) for _, e in numpy_rows]
+    ax_share.bar(labels, core, color="tab:red", label="scores, softmax, P·v")
+    ax_share.bar(labels, rest, bottom=core, color="tab:orange", label="q/k/v/o projections, RoPE, cache")
+    ax_share.plot(labels, [100 * length["attention_flop_share"] for length in lengths
+                           if length["prompt_tokens"] in {T for T, _ in numpy_rows}],
+                  "k_", markersize=20, label="attention's share of the FLOPs")  # fmt: skip
+    ax_share.set_ylim(0, 100)
+    ax_share.set_xlabel("prompt tokens")
+    ax_share.set_ylabel("% of the NumPy prefill time")
+    ax_share.set_title("where the NumPy prefill's time goes")
+    ax_share.legend(fontsize=8)
+    fig.suptitle(f"{s['model']}, prefill only: {m['cpu']}, {m['cores']} cores ({s['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# =====================================================================================
+# 8. The command
 # =====================================================================================
 
 
@@ -1276,6 +1849,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Validate ``minqwen2 bench``'s flags before anything is loaded; errors name the flag."""
     from minqwen2.paths import resolve_model
 
+    lengths = parse_prefill_lengths(getattr(args, "prefill_lengths", None))
+    if lengths:
+        return _prefill_settings(args, lengths)
     quick = args.quick
     prompt = args.prompt_tokens if args.prompt_tokens is not None else (32 if quick else 512)
     new = args.new_tokens if args.new_tokens is not None else (8 if quick else 128)
@@ -1287,14 +1863,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if value is not None and value < minimum:
             raise BenchError(f"{flag} {value} is out of range; expected an integer >= {minimum}")
 
-    if args.engines is not None:
-        names = [n.strip() for n in args.engines.split(",") if n.strip()]
-        if not names:
-            raise BenchError(f"--engines is empty; expected a comma-separated list of {', '.join(ENGINE_NAMES)}")
-        engines = [find_engine(n).name for n in dict.fromkeys(names)]
-        engines.sort(key=ENGINE_NAMES.index)  # groups run, and rows print, in ENGINES order
-    else:
-        engines = list(QUICK_ENGINES if quick else ENGINE_NAMES)
+    engines = _engines_from_flag(args.engines, QUICK_ENGINES if quick else ENGINE_NAMES)
     if args.mlx_lm_site is not None and not Path(args.mlx_lm_site).is_dir():
         raise BenchError(f"--mlx-lm-site {args.mlx_lm_site}: no such directory (expected a site-packages holding mlx_lm)")
 
@@ -1315,12 +1884,68 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return settings
 
 
+def _engines_from_flag(flag: str | None, default: Sequence[str]) -> list[str]:
+    """``--engines`` as engine names in ENGINES order (the order groups run and rows print)."""
+    if flag is None:
+        return list(default)
+    names = [n.strip() for n in flag.split(",") if n.strip()]
+    if not names:
+        raise BenchError(f"--engines is empty; expected a comma-separated list of {', '.join(ENGINE_NAMES)}")
+    engines = [find_engine(n).name for n in dict.fromkeys(names)]
+    return sorted(engines, key=ENGINE_NAMES.index)
+
+
+def parse_prefill_lengths(text: str | None) -> tuple[int, ...]:
+    """``--prefill-lengths 4096,8192`` → ``(4096, 8192)``: ascending, without repeats; ``()`` if unset."""
+    if text is None:
+        return ()
+    expected = "expected comma-separated prompt lengths >= 1, e.g. 4096,8192,16384,32768"
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        lengths = sorted({int(p) for p in parts})
+    except ValueError:
+        raise BenchError(f"--prefill-lengths {text!r}: {expected}") from None
+    if not lengths or lengths[0] < 1:
+        raise BenchError(f"--prefill-lengths {text!r}: {expected}")
+    return tuple(lengths)
+
+
+def _prefill_settings(args: argparse.Namespace, lengths: tuple[int, ...]) -> BenchSettings:
+    """The flags of a ``--prefill-lengths`` run (section 7), checked."""
+    from minqwen2.paths import resolve_model
+
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
+                        ("--mlx-prompt-tokens", args.mlx_prompt_tokens), ("--mlx-new-tokens", args.mlx_new_tokens),
+                        ("--mlx-lm-site", args.mlx_lm_site), ("--quick", args.quick or None)):  # fmt: skip
+        if value is not None:
+            raise BenchError(f"--prefill-lengths times prefill alone, at its own lengths: {flag} does not apply")
+    runs = args.runs if args.runs is not None else 1
+    if runs < 1:
+        raise BenchError(f"--runs {runs} is out of range; expected an integer >= 1")
+    engines = _engines_from_flag(args.engines, PREFILL_ENGINES)
+    for name in engines:
+        if find_engine(name).family not in PREFILL_FAMILIES:
+            timed = ", ".join(e.name for e in ENGINES if e.family in PREFILL_FAMILIES)
+            raise BenchError(f"--engines {name}: --prefill-lengths times only {timed}")
+    path = resolve_model(args.model)
+    config = Qwen2Config.from_file(path)
+    if lengths[-1] > config.max_position_embeddings:
+        raise BenchError(
+            f"--prefill-lengths {lengths[-1]} exceeds the model's context: {path / 'config.json'} has "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
+    return BenchSettings(model_dir=path, prompt_tokens=lengths[-1], new_tokens=0, runs=runs, engines=engines,
+                         prefill_lengths=lengths)  # fmt: skip
+
+
 def bench_main(args: argparse.Namespace) -> int:
     """``minqwen2 bench``: run, print, and write ``bench.json`` and ``bench.png`` under ``--out``."""
     from rich.console import Console
 
     settings = settings_from_args(args)
-    out = Path(args.out)
+    prefill_mode = bool(settings.prefill_lengths)
+    default_out = "benchmarks/results/prefill" if prefill_mode else "benchmarks/results"
+    out = Path(args.out if args.out is not None else default_out)
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {out}: is a file, expected a directory")
     out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
@@ -1328,12 +1953,21 @@ def bench_main(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
         console = Console(width=200)
-    report = run_benchmark(settings, log=lambda line: console.print(line, markup=False, highlight=False))
-    if not report["engines"]:
+
+    def log(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    if prefill_mode:
+        report = run_prefill_benchmark(settings, log=log)
+        ran = any(length["engines"] for length in report["lengths"])
+    else:
+        report = run_benchmark(settings, log=log)
+        ran = bool(report["engines"])
+    if not ran:
         reasons = "; ".join(f"{s['engine']}: {s['reason']}" for s in report["skipped"])
         raise BenchError(f"no engine could run ({reasons})")
     console.print()
-    print_report(report, console)
+    (print_prefill_report if prefill_mode else print_report)(report, console)
 
     json_path = out / "bench.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -1341,7 +1975,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         console.print("no chart: matplotlib is not installed (`pip install -e '.[lessons]'`)", style="yellow")
     else:
-        write_chart(report, out / "bench.png")
+        (write_prefill_chart if prefill_mode else write_chart)(report, out / "bench.png")
         written.append(str(out / "bench.png"))
     console.print(f"wrote {' and '.join(written)}", markup=False, highlight=False)
     return 0

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_commands(sub)  # chat, generate
     _add_file_commands(sub)  # convert, install-default, download
     _add_bench_command(sub)
+    from minqwen2.tools.evaluate import add_eval_command  # eval niah
+
+    add_eval_command(sub)
     return parser
 
 
@@ -48,6 +51,7 @@ def _add_model_commands(sub: Any) -> None:
 
     p = sub.add_parser("info", help="one model's configuration summary")
     p.add_argument("model", metavar="MODEL", help="a registry name (`minqwen2 models`) or a model directory")
+    add_long_context_flags(p)
     p.set_defaults(func=cmd_info)
 
 
@@ -121,15 +125,15 @@ def _add_bench_command(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 512; --quick: 32)")
     p.add_argument("--new-tokens", type=int, help="greedy tokens to decode (default: 128; --quick: 8)")
     p.add_argument(
-        "--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick: 1)"
+        "--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick, --prefill-lengths: 1)"
     )
     p.add_argument(
         "--engines",
         help="comma-separated engine names (default: all; --quick: the float32 ones); "
         "an unknown name lists the valid ones",
     )
-    p.add_argument("--out", default="benchmarks/results", help="folder for bench.json and bench.png "
-                   "(default: benchmarks/results)")  # fmt: skip
+    p.add_argument("--out", help="folder for bench.json and bench.png (default: benchmarks/results; "
+                   "with --prefill-lengths: benchmarks/results/prefill)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a fast look: a short prompt, 1 run, float32 engines")
     p.add_argument("--mlx-prompt-tokens", type=int, help="a shorter prompt (a prefix of the same one) for the "
                    "MLX and mlx-lm engines, which are slow on a Linux CPU; printed with the results")  # fmt: skip
@@ -138,6 +142,9 @@ def _add_bench_command(sub: Any) -> None:
     p.add_argument("--mlx-lm-site", metavar="DIR", help="a site-packages directory holding mlx_lm")
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="buffer size of the memory-bandwidth measurement (default: 1024)")  # fmt: skip
+    p.add_argument("--prefill-lengths", metavar="N,N,...", help="long prompts: time prefill alone at each "
+                   "of these prompt lengths, e.g. 4096,8192,16384,32768 (default engines: numpy,hf-float32; "
+                   "runs: 1; out: benchmarks/results/prefill)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 
@@ -151,8 +158,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from minqwen2.tools.models import print_info
 
-    print_info(args.model)
+    print_info(args.model, long_context=args.long_context, context=args.context)
     return 0
+
+
+def add_long_context_flags(parser: Any) -> None:
+    """``--long-context yarn|dca`` and ``--context N`` (``minqwen2/long_context.py``)."""
+    parser.add_argument(
+        "--long-context",
+        choices=("yarn", "dca"),
+        help="extend the context beyond the trained length, as the model cards say: YaRN RoPE "
+        "scaling, or Dual Chunk Attention (config.json on disk is not changed)",
+    )
+    parser.add_argument(
+        "--context", type=int, metavar="N", help="the extended context in tokens (default: 4 × the trained length)"
+    )
 
 
 # ------------------------------------------------------------------ generate (and chat)
@@ -171,6 +191,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
     g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
+    add_long_context_flags(g)
     g = parser.add_argument_group(
         "generation (unset sampling flags come from the model's generation_config.json)"
     )
@@ -223,8 +244,14 @@ def load_with_progress(args: argparse.Namespace, path: Path) -> tuple[Any, Any]:
         task = progress.add_task(f"loading {path.name}: tokenizer", total=2)
         tokenizer = load_tokenizer(path)
         progress.update(task, advance=1, description=f"loading {path.name}: weights")
-        model = load_model(path, backend=args.backend, dtype=args.dtype, bits=args.bits)
+        model = load_model(
+            path, backend=args.backend, dtype=args.dtype, bits=args.bits,
+            long_context=args.long_context, context=args.context,
+        )  # fmt: skip
         progress.update(task, advance=1)
+    if model.config.long_context_changes:
+        changes = "; ".join(model.config.long_context_changes)
+        console.print(f"minqwen2: --long-context {args.long_context}: {changes}", highlight=False, soft_wrap=True)
     return model, tokenizer
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from minqwen2 import memory
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import ConfigError
+from minqwen2.long_context import describe as describe_context
 from minqwen2.paths import is_model_dir, resolve_model, weights_dir
 from minqwen2.registry import CONFIDENCE, REGISTRY, count_parameters, find_model, weight_bytes
 
@@ -51,6 +53,11 @@ def format_bytes(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.3g} GiB"
     return f"{n / 2**20:.3g} MiB"
+
+
+def format_bytes_small(n: int) -> str:
+    """Bytes in binary units for small amounts: ``24 KiB``, ``960 B``."""
+    return f"{n / 1024:.3g} KiB" if n >= 1024 else f"{n} B"
 
 
 def format_context(n: int) -> str:
@@ -204,7 +211,15 @@ def describe(config: Qwen2Config) -> list[tuple[str, str]]:
         ("tied embeddings", "yes" if c.tie_word_embeddings else "no"),
         ("rope theta", f"{theta:,.10g}"),
         ("rope scaling", scaling),
-        ("context (max_position_embeddings)", f"{c.max_position_embeddings:,} tokens"),
+        ("context (max_position_embeddings)", describe_context(c)),
+        *[("  changed by long_context", change) for change in c.long_context_changes],
+        (
+            "KV cache per token",
+            f"{format_bytes_small(memory.kv_cache_bytes_per_token(c, 4))} float32 (NumPy), "
+            f"{format_bytes_small(memory.kv_cache_bytes_per_token(c, 2))} bfloat16 (MLX); "
+            f"{format_bytes(memory.kv_cache_bytes_per_token(c, 4) * c.max_position_embeddings)} float32 "
+            "for the whole context",
+        ),
         (
             "sliding window",
             "off (every layer attends to all earlier tokens)"
@@ -238,13 +253,15 @@ def describe(config: Qwen2Config) -> list[tuple[str, str]]:
     return lines
 
 
-def print_info(model: str) -> None:
-    """``minqwen2 info MODEL``: a registry name's published config, or a directory's config.json."""
+def print_info(model: str, long_context: str | None = None, context: int | None = None) -> None:
+    """``minqwen2 info MODEL``: a registry name's published config, or a directory's config.json
+    (with ``long_context``/``context``: as ``minqwen2.load`` would extend it)."""
     from rich.table import Table
 
     entry = find_model(model) if not Path(model).expanduser().is_dir() else None
     if entry is not None:
-        config = entry.qwen2_config()
+        source = f"registry entry {entry.repo_id}"
+        config = Qwen2Config.from_dict(entry.config, source, long_context=long_context, context=context)
         title = f"{entry.repo_id}  ({entry.name})"
         where = [
             ("config", f"{entry.confidence}: {CONFIDENCE[entry.confidence]}"),
@@ -256,7 +273,7 @@ def print_info(model: str) -> None:
         ]
     else:
         directory = resolve_model(model)
-        config = Qwen2Config.from_file(directory)
+        config = Qwen2Config.from_file(directory, long_context, context)
         title = str(directory)
         where = [("config", str(directory / "config.json"))]
 
