@@ -348,12 +348,14 @@ def attend_rotated_keys(
             q_succ = rotate(q_tile, succ_positions(i, chunk_size, local_size), inv_freq)  # (B, K, G, R, D)
             blocks.append(q_succ @ k_t[..., chunk_start - cl : chunk_start])  # (B, K, G, R, cl)
         q_intra = rotate(q_tile, intra_positions(i, chunk_size, local_size), inv_freq)  # (B, K, G, R, D)
-        blocks.append(q_intra @ k_t[..., chunk_start:end])  # (B, K, G, R, end - chunk_start)
+        intra = q_intra @ k_t[..., chunk_start:end]  # (B, K, G, R, end - chunk_start)
+        # The blocks partition 0..i, so the only hidden keys (j > i) are in the intra block:
+        # the plain causal mask of R queries that are the last R of its keys. -inf, not a
+        # large negative: weight exactly 0.
+        blocks.append(np.where(causal_mask(t1 - t0, end - chunk_start), intra, -np.inf))
 
-        scores = np.concatenate(blocks, axis=-1) * factor  # (B, K, G, R, end): keys 0 .. end - 1 in order
-        # The blocks partition 0..i, so "hidden" means j > i: the plain causal mask of R
-        # queries that are the last R of `end` keys. -inf, not a large negative: weight exactly 0.
-        scores = np.where(causal_mask(t1 - t0, end), scores, -np.inf)  # (B, K, G, R, end)
+        scores = np.concatenate(blocks, axis=-1)  # (B, K, G, R, end): keys 0 .. end - 1 in order
+        scores *= factor  # in place: the concatenation is a new array
         out[..., t0:t1, :] = softmax(scores) @ v[..., :end, :]  # (B, K, G, R, D)
         t0 = t1
 
