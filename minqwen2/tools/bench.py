@@ -1022,6 +1022,21 @@ class _Measured:
 _References = dict[tuple[int, int], tuple[str, list[int]]]
 
 
+def available_engines(settings: BenchSettings, log: Any) -> tuple[list[EngineSpec], list[dict[str, str]]]:
+    """The engines of ``settings`` that can run here, and ``{engine, reason}`` for the rest
+    (each skip also logged)."""
+    skipped: list[dict[str, str]] = []
+    runnable = []
+    for spec in (find_engine(name) for name in settings.engines):
+        reason = unavailable_reason(spec, settings)
+        if reason:
+            skipped.append({"engine": spec.name, "reason": reason})
+            log(f"skip {spec.name}: {reason}")
+        else:
+            runnable.append(spec)
+    return runnable, skipped
+
+
 def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
     """Run the benchmark; return the report that ``bench.json`` holds.
 
@@ -1038,15 +1053,7 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> dict[str, Any]:
     ``log`` receives progress lines.
     """
     config = Qwen2Config.from_file(settings.model_dir)
-    skipped: list[dict[str, str]] = []
-    runnable = []
-    for spec in (find_engine(name) for name in settings.engines):
-        reason = unavailable_reason(spec, settings)
-        if reason:
-            skipped.append({"engine": spec.name, "reason": reason})
-            log(f"skip {spec.name}: {reason}")
-        else:
-            runnable.append(spec)
+    runnable, skipped = available_engines(settings, log)
     # Every (prompt, new tokens) setting some engine runs; the NumPy engine produces the
     # reference greedy tokens for each. One prompt serves all: shorter ones are prefixes.
     needed = sorted({(settings.prompt_tokens_for(s), settings.new_tokens_for(s)) for s in runnable})
@@ -1563,15 +1570,7 @@ def run_prefill_benchmark(settings: BenchSettings, log: Any = print) -> dict[str
 
     config = Qwen2Config.from_file(settings.model_dir)
     lengths = list(settings.prefill_lengths)
-    skipped: list[dict[str, str]] = []
-    runnable = []
-    for spec in (find_engine(name) for name in settings.engines):
-        reason = unavailable_reason(spec, settings)
-        if reason:
-            skipped.append({"engine": spec.name, "reason": reason})
-            log(f"skip {spec.name}: {reason}")
-        else:
-            runnable.append(spec)
+    runnable, skipped = available_engines(settings, log)
     ids, prompt_source = prompt_ids(settings.model_dir, config, max(lengths))
 
     available = memory.available_memory_bytes()  # before any engine is loaded
