@@ -42,6 +42,8 @@ import mlx.core as mx
 from minqwen2.attention import causal_mask, check_cache_rotation
 from minqwen2.checkpoint import attention_tensors, check_tensors
 from minqwen2.config import Qwen2Config
+from minqwen2.dca import dca_logit_scale
+from minqwen2.dca_mlx import attend_rotated_keys, rotate_keys
 from minqwen2.kv_cache import key_rotation
 from minqwen2.kv_cache_mlx import LayerKVCache
 from minqwen2.linear_mlx import Weight, concat_rows, linear
@@ -141,9 +143,6 @@ class Attention:
 
     def dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, cache: LayerKVCache | None) -> mx.array:
         """Dual Chunk Attention, as :meth:`minqwen2.attention.Attention.dual_chunk`."""
-        from minqwen2.dca import dca_logit_scale
-        from minqwen2.dca_mlx import attend_rotated_keys, rotate_keys
-
         dca = self.dca
         sizes = dict(chunk_size=dca.chunk_size, local_size=dca.local_size, inv_freq=self.inv_freq)
         start = cache.length if cache is not None else 0  # position of the first new token
