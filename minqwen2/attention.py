@@ -235,7 +235,7 @@ class Attention:
         rotated inside the attention, three ways; every logit gets ``s(S)²``, S = the
         sequence's length at this call (``dca.dca_logit_scale``)."""
         # Imported here, not at the top: dca.py builds on this module (causal_mask).
-        from minqwen2.dca import attend_rotated_keys, dca_logit_scale, rotate_keys
+        from minqwen2.dca import attend_rotated_keys, attend_rotated_keys_fast, dca_logit_scale, rotate_keys
 
         dca = self.dca
         sizes = dict(chunk_size=dca.chunk_size, local_size=dca.local_size, inv_freq=self.inv_freq)
@@ -245,7 +245,8 @@ class Attention:
             k, v = cache.update(k, v)  # (B, K, S, D): cached + new
         S = k.shape[2]
         logit_scale = dca_logit_scale(S, dca.original_max_position_embeddings)
-        return attend_rotated_keys(
+        attend = attend_rotated_keys_fast if fastpath.enabled() else attend_rotated_keys  # the same numbers
+        return attend(
             q, k, v, scale=self.scaling, logit_scale=logit_scale, block=self.query_block, **sizes
         )  # (B, H, T, D)
 
@@ -322,9 +323,17 @@ def _attend_block(
         # that R × R corner is masked, not the whole (R, S) block (measured: ~10% of a
         # long prompt's attention time).
         np.copyto(scores.reshape(B, K, G, R, S)[..., S - R :], -np.inf, where=~causal_mask(R, R))
+    return softmax_times_values(scores, v).reshape(B, H, R, D)  # (B, H, R, D)
+
+
+def softmax_times_values(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``softmax(scores) @ v`` with the scores ``(B, K, N, S)`` overwritten (they must be a
+    new array nobody else holds) and v ``(B, K, S, D)``; returns ``(B, K, N, D)``. The
+    fast path's softmax: shifted, exponentiated and summed in place, then divided after the
+    product. (Dual Chunk Attention's fast path shares it: ``dca.py``.)"""
     scores -= scores.max(axis=-1, keepdims=True)  # in place: no new array for the shifted scores
-    weights = np.exp(scores, out=scores)  # (B, K, G*R, S): in place, unnormalised
-    row_sums = weights.sum(axis=-1, keepdims=True)  # (B, K, G*R, 1)
-    out = weights @ v  # (B, K, G*R, D)
+    weights = np.exp(scores, out=scores)  # (B, K, N, S): in place, unnormalised
+    row_sums = weights.sum(axis=-1, keepdims=True)  # (B, K, N, 1)
+    out = weights @ v  # (B, K, N, D)
     out /= row_sums  # the softmax's division on D columns instead of S: (P / l) · v = (P · v) / l
-    return out.reshape(B, H, R, D)  # (B, H, R, D)
+    return out

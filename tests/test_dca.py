@@ -46,6 +46,7 @@ from minqwen2.attention import causal_mask, grouped_query_attention
 from minqwen2.config import Qwen2Config
 from minqwen2.dca import (
     attend_rotated_keys,
+    attend_rotated_keys_fast,
     chunk_length,
     dca_logit_scale,
     dual_chunk_attention,
@@ -154,7 +155,29 @@ def tensors(c: dict, dtype=np.float32, spread: float = 1.5):
     return q, k, v
 
 
-def run_dca(c: dict, q, k, v, logit_scale: float = 1.0, block="case"):
+#: The two forms of ``attend_rotated_keys`` (the reference and the fast path), each checked
+#: by every oracle and property test below.
+FORMS = {"reference": attend_rotated_keys, "fast": attend_rotated_keys_fast}
+form_param = pytest.mark.parametrize("form", FORMS)
+
+
+def run_dca(c: dict, q, k, v, logit_scale: float = 1.0, block="case", form: str = "reference"):
+    """DCA of the case, q and k before RoPE: the reference ``dual_chunk_attention``, or its
+    two halves with the fast ``attend_rotated_keys_fast`` (``form="fast"``)."""
+    if form == "fast":
+        sizes = dict(chunk_size=c["chunk_size"], local_size=c["local_size"])
+        inv_freq = default_inv_freq(c["theta"], c["D"])
+        k = rotate_keys(k, start=0, inv_freq=inv_freq, **sizes)
+        return attend_rotated_keys_fast(
+            q,
+            k,
+            v,
+            inv_freq=inv_freq,
+            scale=c["D"] ** -0.5,
+            logit_scale=logit_scale,
+            block=c["block"] if block == "case" else block,
+            **sizes,
+        )
     return dual_chunk_attention(
         q,
         k,
@@ -266,25 +289,28 @@ def test_attention_rotates_by_the_four_position_functions(monkeypatch):
 # --------------------------------------------------------------------------- vs the oracle
 
 
+@form_param
 @given(dca_cases())
-def test_matches_oracle_float64(c):
+def test_matches_oracle_float64(form, c):
     """Prefill, decode (T = 1) and chunked prefill (the last T of S), float64, to 1e-12."""
     q, k, v = tensors(c, np.float64)
-    got = run_dca(c, q, k, v)
+    got = run_dca(c, q, k, v, form=form)
     assert got.shape == q.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, run_oracle(c, q, k, v), rtol=0, atol=F64_TOL)
 
 
+@form_param
 @given(dca_cases())
-def test_matches_oracle_float32(c):
+def test_matches_oracle_float32(form, c):
     """The same cases in float32, within the float32 bound of the module docstring."""
     q, k, v = tensors(c)
-    got = run_dca(c, q, k, v)
+    got = run_dca(c, q, k, v, form=form)
     assert got.shape == q.shape and got.dtype == np.float32
     bound = float32_bound(q, k, v, c["D"] ** -0.5, c["chunk_size"], c["S"])
     assert np.abs(got - run_oracle(c, q, k, v)).max() <= bound
 
 
+@form_param
 @pytest.mark.parametrize(
     "chunk_size, local_size, S, empty",
     [
@@ -296,14 +322,14 @@ def test_matches_oracle_float32(c):
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_matches_oracle_with_empty_blocks_and_edge_sizes(chunk_size, local_size, S, empty, dtype):
+def test_matches_oracle_with_empty_blocks_and_edge_sizes(form, chunk_size, local_size, S, empty, dtype):
     """Hand-picked sizes where a block is empty or degenerate, every tile size 1..S."""
     c = dict(B=2, H=6, K=2, D=10, chunk_size=chunk_size, local_size=local_size, S=S, T=S, theta=123.0, seed=S)
     q, k, v = tensors(c, dtype)
     expected = run_oracle(c, q, k, v)
     tol = F64_TOL if dtype == np.float64 else float32_bound(q, k, v, 10**-0.5, chunk_size, S)
     for block in range(1, S + 1):
-        assert np.abs(run_dca(c, q, k, v, block=block) - expected).max() <= tol, (empty, block)
+        assert np.abs(run_dca(c, q, k, v, block=block, form=form) - expected).max() <= tol, (empty, block)
 
 
 # --------------------------------------------------------------------------- the no-op region
@@ -329,15 +355,16 @@ def plain_attention(q, k, v, theta: float):
     return grouped_query_attention(q_rot, k_rot, v, causal_mask(S, S), D**-0.5), rope.inv_freq
 
 
+@form_param
 @given(dca_cases(), st.data())
-def test_equals_plain_attention_up_to_chunk_size_plus_one(c, data):
+def test_equals_plain_attention_up_to_chunk_size_plus_one(form, c, data):
     """For every length S <= chunk_size + 1, DCA is plain causal RoPE attention (float32 round-off)."""
     c["S"] = S = data.draw(st.integers(1, c["chunk_size"] + 1), label="S")
     c["T"] = S
     q, k, v = tensors(c)
     plain, inv_freq = plain_attention(q, k, v, c["theta"])
     assert np.array_equal(inv_freq, default_inv_freq(c["theta"], c["D"]))
-    got = run_dca(c, q, k, v)
+    got = run_dca(c, q, k, v, form=form)
     assert np.abs(got - plain).max() <= float32_bound(q, k, v, c["D"] ** -0.5, S, S)
 
 
@@ -367,7 +394,7 @@ def test_differs_from_plain_attention_at_chunk_size_plus_two(chunk_size, local_s
 # --------------------------------------------------------------------------- decode and chunked prefill
 
 
-def dca_steps(c: dict, q, k, v, splits: list[int], block):
+def dca_steps(c: dict, q, k, v, splits: list[int], block, form: str = "reference"):
     """Feed S tokens in calls of the given sizes through a DCA cache: keys rotated to
     ``j mod chunk_len`` as they arrive, stored unscaled, attended with the cache's keys."""
     inv_freq, cs, w = default_inv_freq(c["theta"], c["D"]), c["chunk_size"], c["local_size"]
@@ -381,7 +408,7 @@ def dca_steps(c: dict, q, k, v, splits: list[int], block):
             np.concatenate(cache_v, axis=2),
         )  # (B, K, start + n, D)
         outs.append(
-            attend_rotated_keys(
+            FORMS[form](
                 q[:, :, new],
                 keys,
                 values,
@@ -397,9 +424,10 @@ def dca_steps(c: dict, q, k, v, splits: list[int], block):
     return np.concatenate(outs, axis=2)  # (B, H, S, D)
 
 
+@form_param
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("orig", [None, 9])
-def test_decode_equals_prefill_rows(dtype, orig):
+def test_decode_equals_prefill_rows(form, dtype, orig):
     """Token-by-token decoding through a DCA cache equals the rows of one prefill, every row,
     across chunk boundaries (cl = 8, cs = 11: lengths cl, cl+1, cs+1, cs+2, 2cl, 2cl+1, 3cl+7).
 
@@ -416,20 +444,21 @@ def test_decode_equals_prefill_rows(dtype, orig):
     c = dict(B=2, H=6, K=2, D=14, chunk_size=11, local_size=3, theta=10000.0, seed=7, orig=orig)
     c["S"] = c["T"] = S = 3 * 8 + 7
     q, k, v = tensors(c, dtype)
-    decoded = dca_steps(c, q, k, v, [1] * S, block=1)
+    decoded = dca_steps(c, q, k, v, [1] * S, block=1, form=form)
     for L in (8, 9, 12, 13, 16, 17, S):
         sub = {**c, "S": L, "T": L}
         s2 = dca_logit_scale(L, orig)
         args = (q[:, :, :L], k[:, :, :L], v[:, :, :L])
-        exact = run_dca(sub, *args, logit_scale=s2, block=1)
+        exact = run_dca(sub, *args, logit_scale=s2, block=1, form=form)
         np.testing.assert_array_equal(decoded[:, :, L - 1], exact[:, :, -1])
-        tiled = run_dca(sub, *args, logit_scale=s2, block=None)
+        tiled = run_dca(sub, *args, logit_scale=s2, block=None, form=form)
         tol = F64_TOL if dtype == np.float64 else float32_bound(*args, s2 * 14**-0.5, 11, L)
         assert np.abs(decoded[:, :, L - 1] - tiled[:, :, -1]).max() <= tol
 
 
+@form_param
 @given(dca_cases(max_chunks=3), st.data())
-def test_chunked_prefill_equals_whole_prefill(c, data):
+def test_chunked_prefill_equals_whole_prefill(form, c, data):
     """At s = 1, a prompt fed in calls (split inside chunks, on boundaries, of length 1)
     equals one prefill: bit for bit with one-row tiles, to round-off with the case's tiles."""
     S = c["S"]
@@ -438,10 +467,12 @@ def test_chunked_prefill_equals_whole_prefill(c, data):
     splits = np.diff(edges).tolist()  # call sizes, summing to S
     c["T"] = S
     q, k, v = tensors(c)
-    np.testing.assert_array_equal(dca_steps(c, q, k, v, splits, block=1), run_dca(c, q, k, v, block=1))
-    whole = run_dca(c, q, k, v)
+    np.testing.assert_array_equal(
+        dca_steps(c, q, k, v, splits, block=1, form=form), run_dca(c, q, k, v, block=1, form=form)
+    )
+    whole = run_dca(c, q, k, v, form=form)
     bound = float32_bound(q, k, v, c["D"] ** -0.5, c["chunk_size"], S)
-    assert np.abs(dca_steps(c, q, k, v, splits, block=c["block"]) - whole).max() <= bound
+    assert np.abs(dca_steps(c, q, k, v, splits, block=c["block"], form=form) - whole).max() <= bound
 
 
 # --------------------------------------------------------------------------- the logit scale
@@ -480,13 +511,14 @@ def test_logit_scale_multiplies_every_logit(c, logit_scale):
 # --------------------------------------------------------------------------- GQA and validation
 
 
+@form_param
 @given(dca_cases())
-def test_gqa_equals_dca_on_repeated_kv_heads(c):
+def test_gqa_equals_dca_on_repeated_kv_heads(form, c):
     """K < H shares each KV head among G query heads: the same as H copies (MHA), h // G."""
     q, k, v = tensors(c)
     G = c["H"] // c["K"]
-    repeated = run_dca({**c, "K": c["H"]}, q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1))
-    np.testing.assert_allclose(run_dca(c, q, k, v), repeated, rtol=0, atol=1e-6)
+    repeated = run_dca({**c, "K": c["H"]}, q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1), form=form)
+    np.testing.assert_allclose(run_dca(c, q, k, v, form=form), repeated, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
