@@ -309,7 +309,7 @@ class Qwen2Config:
 
             d, changes = extend(d, long_context, context, source)
         elif context is not None:
-            raise ConfigError(f"context = {context} needs long_context='yarn' or 'dca' to reach it")
+            raise ConfigError(f"context = {context} needs long_context='yarn', 'dca' or 'none' to reach it")
         config = _Parser(d, source).parse()
         return replace(config, long_context_changes=tuple(changes)) if changes else config
 

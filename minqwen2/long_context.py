@@ -26,6 +26,9 @@ Two recipes (``original`` = the model's trained length, its ``max_position_embed
   trained within its trained length.
 
 Both set ``max_position_embeddings = context``, the limit the generation loop enforces.
+A third mode, ``"none"``, sets only that: plain RoPE attention at distances the model never
+trained on. It extends nothing; it is the baseline that shows what the two recipes do
+(``minqwen2 eval niah --long-context none``).
 Which sizes the extension is meant for: Qwen's maintainers give the instruct models'
 contexts as 0.5B/1.5B 32K, 57B-A14B 64K, 7B/72B 128K (QwenLM/Qwen3#679); on the smaller
 ones the extension runs, but nothing promises the model still retrieves what it read
@@ -38,7 +41,7 @@ from typing import Any
 
 from minqwen2.errors import ConfigError
 
-MODES = ("yarn", "dca")
+MODES = ("yarn", "dca", "none")
 #: ``context`` when only a mode is given: four times the trained length (32K → 128K).
 DEFAULT_FACTOR = 4
 #: DCA's local window as a fraction of its chunk size (Qwen2.5-1M: 8192 / 262144).
@@ -52,7 +55,8 @@ def extend(
 ) -> tuple[dict[str, Any], list[str]]:
     """``config.json``'s dict with long context turned on, and one line per change.
 
-    ``raw`` is not modified. ``mode`` is ``"yarn"`` or ``"dca"``; ``context`` the new
+    ``raw`` is not modified. ``mode`` is ``"yarn"``, ``"dca"`` or ``"none"`` (the context
+    raised, nothing extended: the baseline); ``context`` the new
     ``max_position_embeddings`` (default: :data:`DEFAULT_FACTOR` × the trained length),
     which must exceed the trained length. A config that already extends its context (a
     non-default ``rope_scaling``/``rope_parameters`` type, or a DCA block) is refused: the
@@ -97,6 +101,11 @@ def extend(
                 out["rope_theta"] = theta
         out["rope_scaling"] = rope
         changes.append(f"rope_scaling = {rope} (YaRN: the RoPE frequencies interpolated)")
+    elif mode == "none":
+        changes.append(
+            f"no extension: plain RoPE attention beyond the trained {original:,} tokens, at distances "
+            "the model never saw (the baseline for yarn and dca)"
+        )
     else:
         dca = {
             "chunk_size": original,
@@ -125,4 +134,6 @@ def describe(config: Any) -> str:
         return f"{context} with YaRN (factor {rope['factor']:g} over a trained {orig:,})"
     if rope["rope_type"] in ("linear", "dynamic"):
         return f"{context} ({rope['rope_type']} RoPE scaling, factor {rope['factor']:g})"
+    if config.long_context_changes:  # --long-context none: the limit raised, nothing extended
+        return f"{context} (raised by long_context='none': plain RoPE, no extension)"
     return f"{context} (max_position_embeddings, no extension)"

@@ -142,7 +142,7 @@ BAD_INPUTS = {
     "raw with system": (["--prompt", "x", "--raw", "--system", "s"], "--system"),
     "unknown backend": (["--prompt", "x", "--backend", "tpu"], "invalid choice: 'tpu'"),
     "numpy bfloat16": (["--prompt", "x", "--dtype", "bfloat16"], "float32 only"),
-    "context without a mode": (["--prompt", "x", "--context", "2048"], "needs long_context='yarn' or 'dca'"),
+    "context without a mode": (["--prompt", "x", "--context", "2048"], "needs long_context='yarn', 'dca' or 'none'"),
     "context not beyond": (
         ["--prompt", "x", "--long-context", "yarn", "--context", "256"],
         "must be an integer above the trained length 512",
@@ -155,7 +155,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["yarn", "dca"])
+@pytest.mark.parametrize("mode", ["yarn", "dca", "none"])
 def test_long_context_flags_extend_the_context_and_say_so(tiny, mode):
     """A prompt too long for the tiny model's 512 tokens runs with ``--long-context``; the
     reply is the library's with the same load, and stderr says what was changed."""
@@ -169,7 +169,8 @@ def test_long_context_flags_extend_the_context_and_say_so(tiny, mode):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
     assert f"minqwen2: --long-context {mode}: max_position_embeddings 512 -> 2048; " in result.stderr
-    assert ("rope_scaling" if mode == "yarn" else "dual_chunk_attention_config") in result.stderr
+    said = {"yarn": "rope_scaling", "dca": "dual_chunk_attention_config", "none": "no extension: plain RoPE"}
+    assert said[mode] in result.stderr
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

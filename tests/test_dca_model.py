@@ -8,6 +8,7 @@ should not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -130,6 +131,14 @@ def test_long_context_recipes():
     )
     assert describe(Qwen2Config.from_dict(raw)) == "1,024 tokens (max_position_embeddings, no extension)"
 
+    none, changes = extend(raw, "none", 4096)  # the baseline: only the limit moves
+    assert none == {**raw, "max_position_embeddings": 4096} and len(changes) == 2
+    assert "no extension" in changes[1]
+    config = Qwen2Config.from_dict(raw, long_context="none", context=4096)
+    plain = Qwen2Config.from_dict(raw)
+    assert dataclasses.replace(config, max_position_embeddings=1024, long_context_changes=()) == plain
+    assert describe(config) == "4,096 tokens (raised by long_context='none': plain RoPE, no extension)"
+
 
 def test_long_context_new_rope_spelling_keeps_theta():
     raw = {**TINY_DENSE, "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}
@@ -141,7 +150,8 @@ def test_long_context_new_rope_spelling_keeps_theta():
 @pytest.mark.parametrize(
     "raw, mode, context, fragment",
     [
-        (TINY_DENSE, "rope", None, "expected one of ['yarn', 'dca']"),
+        (TINY_DENSE, "rope", None, "expected one of ['yarn', 'dca', 'none']"),
+        (TINY_DENSE, "none", 512, "must be an integer above the trained length 512"),
         (TINY_DENSE, "yarn", 512, "must be an integer above the trained length 512"),
         (TINY_DENSE, "dca", 100, "above the trained length"),
         ({**TINY_DENSE, "rope_scaling": {"type": "linear", "factor": 2.0}}, "yarn", None, "already extends"),

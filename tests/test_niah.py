@@ -213,7 +213,7 @@ class PerfectReader:
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(
             max_position_embeddings=context, source="<stub>/config.json", dual_chunk_attention=None,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, long_context_changes=(),
         )  # fmt: skip
         self.eos = tokenizer.token_to_id("<|im_end|>")
         self.prompts: list[list[int]] = []
@@ -339,6 +339,15 @@ def test_settings_name_what_the_model_computes(tiny):
         "tiny", Qwen2Config.from_file(tiny.path, "dca", 4096), backend="numpy", dtype="float32"
     )
     assert dca["mode"] == "dca" and dca["dual_chunk_attention"]["chunk_size"] == TINY_CONTEXT
+    none = niah_settings(
+        "tiny", Qwen2Config.from_file(tiny.path, "none", 4096), backend="numpy", dtype="float32"
+    )
+    assert (none["mode"], none["context"], none["rope_parameters"]) == (
+        "none",
+        4096,
+        plain["rope_parameters"],
+    )
+    assert niah.results_stem(none) == "niah-tiny-none-4096"
 
 
 def test_results_json_schema(tiny, tmp_path):

@@ -125,7 +125,9 @@ def _add_bench_command(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 512; --quick: 32)")
     p.add_argument("--new-tokens", type=int, help="greedy tokens to decode (default: 128; --quick: 8)")
     p.add_argument(
-        "--runs", type=int, help="interleaved rounds; the median is shown (default: 3; --quick, --prefill-lengths: 1)"
+        "--runs",
+        type=int,
+        help="interleaved rounds; the median is shown (default: 3; --quick, --prefill-lengths: 1)",
     )
     p.add_argument(
         "--engines",
@@ -163,15 +165,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def add_long_context_flags(parser: Any) -> None:
-    """``--long-context yarn|dca`` and ``--context N`` (``minqwen2/long_context.py``)."""
+    """``--long-context yarn|dca|none`` and ``--context N`` (``minqwen2/long_context.py``)."""
+    from minqwen2.long_context import MODES
+
     parser.add_argument(
         "--long-context",
-        choices=("yarn", "dca"),
+        choices=MODES,
         help="extend the context beyond the trained length, as the model cards say: YaRN RoPE "
-        "scaling, or Dual Chunk Attention (config.json on disk is not changed)",
+        "scaling, or Dual Chunk Attention; 'none' only raises the limit (the baseline: plain "
+        "attention past its training). config.json on disk is not changed",
     )
     parser.add_argument(
-        "--context", type=int, metavar="N", help="the extended context in tokens (default: 4 × the trained length)"
+        "--context",
+        type=int,
+        metavar="N",
+        help="the extended context in tokens (default: 4 × the trained length)",
     )
 
 
@@ -251,7 +259,9 @@ def load_with_progress(args: argparse.Namespace, path: Path) -> tuple[Any, Any]:
         progress.update(task, advance=1)
     if model.config.long_context_changes:
         changes = "; ".join(model.config.long_context_changes)
-        console.print(f"minqwen2: --long-context {args.long_context}: {changes}", highlight=False, soft_wrap=True)
+        console.print(
+            f"minqwen2: --long-context {args.long_context}: {changes}", highlight=False, soft_wrap=True
+        )
     return model, tokenizer
 
 

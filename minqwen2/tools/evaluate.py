@@ -4,7 +4,7 @@
 grid of prompt lengths × needle depths × seeds::
 
     minqwen2 eval niah [--model M] [--backend numpy|mlx] [--dtype D] [--bits 4|8]
-                       [--long-context yarn|dca [--context N]]
+                       [--long-context yarn|dca|none [--context N]]
                        [--lengths 1024,2048,4K | --max-length N [--min-length 1024]]
                        [--depths 0,25,50,75,100] [--seeds 2]
                        [--max-new-tokens 16] [--no-answer-prefix]
@@ -59,7 +59,7 @@ def add_eval_command(sub: Any) -> None:
     g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
     g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
-    add_long_context_flags(g)  # --long-context yarn|dca, --context N
+    add_long_context_flags(g)  # --long-context yarn|dca|none, --context N
 
     g = n.add_argument_group("grid")
     lengths = g.add_mutually_exclusive_group()

@@ -305,7 +305,8 @@ def is_correct(answer: str, value: str) -> bool:
 
 
 def attention_mode(config: Any) -> str:
-    """What a config's attention computes: ``"dca"``, ``"yarn"`` (or another RoPE scaling type), or ``"plain"``.
+    """What a config's attention computes: ``"dca"``, ``"yarn"`` (or another RoPE scaling
+    type), ``"plain"``, or ``"none"`` (plain, with the context raised by ``long_context="none"``).
 
     Read from the config, not from flags, so a checkpoint whose ``config.json`` already
     holds a DCA block or a YaRN ``rope_scaling`` is labelled by what it runs.
@@ -313,7 +314,9 @@ def attention_mode(config: Any) -> str:
     if config.dual_chunk_attention is not None:
         return "dca"
     rope_type = config.rope_parameters["rope_type"]
-    return "plain" if rope_type == "default" else rope_type
+    if rope_type != "default":
+        return rope_type
+    return "none" if config.long_context_changes else "plain"  # changed, yet plain: only the limit moved
 
 
 def niah_settings(
