@@ -5,7 +5,8 @@ one softmax over the intra / succ / inter blocks, the logit scale, what the cach
 This module computes none of that again. The position maps (:func:`~minqwen2.dca.key_positions`,
 ``intra_positions``, ``succ_positions``, ``inter_positions``), :func:`~minqwen2.dca.chunk_length`,
 :func:`~minqwen2.dca.dca_logit_scale` and the cos/sin rounding rule are the sibling's,
-imported; the tiling loop is the sibling's, line for line. What the twin changes:
+imported; so are the tiles and their score blocks (:func:`~minqwen2.dca.query_tiles`,
+:func:`~minqwen2.dca.score_blocks`). What the twin changes:
 
 1. **RoPE at a position per token, from tables.** ``mx.fast.rope`` rotates a sequence by
    ``offset + arange(T)``: one offset per call (or per batch row), not a position per token.
@@ -56,11 +57,10 @@ from minqwen2.attention import causal_mask, query_block_size
 from minqwen2.dca import (
     check_shapes,
     chunk_length,
-    inter_positions,
-    intra_positions,
     key_positions,
+    query_tiles,
     rope_tables,
-    succ_positions,
+    score_blocks,
 )
 
 FLOAT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -160,13 +160,9 @@ def attend_rotated_keys(
     the last T of the S positions; k_rotated, v ``(B, K, S, D)``; one dtype for all three.
     Returns ``(B, H, T, D)`` in q's dtype.
 
-    The same tiles as the sibling: at most ``block`` query rows, never straddling a chunk
-    boundary, so all rows of a tile in chunk n share the three key ranges::
-
-        inter  keys [0, (n-1)·cl)          query rotated to chunk_size        (n >= 2)
-        succ   keys [(n-1)·cl, n·cl)       query rotated to P_succ(i)         (n >= 1)
-        intra  keys [n·cl, i]              query rotated to i mod cl
-
+    The sibling's tiles (:func:`minqwen2.dca.query_tiles`: at most ``block`` query rows,
+    never straddling a chunk boundary) and score blocks (:func:`minqwen2.dca.score_blocks`:
+    inter, succ, intra, partitioning keys ``0 .. last row``).
     Scores in float32, the intra block masked, one softmax, ``P·v`` (module docstring).
     """
     check_shapes(q, k_rotated, v)
@@ -189,38 +185,22 @@ def attend_rotated_keys(
     v = v.astype(mx.float32)[:, :, None]  # (B, K, 1, S, D): P·v in float32 too
     tiles = []  # (B, K, G, R, D) each, in row order
 
-    offset = S - T  # absolute position of query row 0
-    t0 = 0
-    while t0 < T:
-        n = (offset + t0) // cl  # the tile's chunk
-        chunk_start = n * cl  # its first position
-        t1 = min(T, t0 + block, chunk_start + cl - offset)  # rows [t0, t1): one chunk, <= block rows
-        i = np.arange(offset + t0, offset + t1)  # (R,) absolute query positions
-        end = offset + t1  # keys [0, end) are visible to some row of the tile
+    for t0, t1, n in query_tiles(T, S, cl, block):  # rows [t0, t1): one chunk, <= block rows
+        i = np.arange(S - T + t0, S - T + t1)  # (R,) absolute query positions
         q_tile = q[..., t0:t1, :]  # (B, K, G, R, D)
-
         blocks = []
-        if n >= 2:
-            q_inter = rotate(
-                q_tile, inter_positions(i[:1], chunk_size, local_size), inv_freq
-            )  # (B, K, G, R, D)
-            blocks.append(q_inter.astype(mx.float32) @ k_t[..., : chunk_start - cl])  # (B, K, G, R, (n-1)·cl)
-        if n >= 1:
-            q_succ = rotate(q_tile, succ_positions(i, chunk_size, local_size), inv_freq)  # (B, K, G, R, D)
-            blocks.append(
-                q_succ.astype(mx.float32) @ k_t[..., chunk_start - cl : chunk_start]
-            )  # (B, K, G, R, cl)
-        q_intra = rotate(q_tile, intra_positions(i, chunk_size, local_size), inv_freq)  # (B, K, G, R, D)
-        intra = q_intra.astype(mx.float32) @ k_t[..., chunk_start:end]  # (B, K, G, R, end - chunk_start)
-        # The blocks partition 0..i, so the hidden keys (j > i) are all in the intra block,
-        # where the R queries are its last R keys: the plain causal mask of that block.
-        # -inf, not a large negative: weight exactly 0.
-        intra = mx.where(mx.array(causal_mask(t1 - t0, end - chunk_start)), intra, -mx.inf)
-        blocks.append(intra)  # (B, K, G, R, end - chunk_start)
+        for positions, keys in score_blocks(i, n, cl, chunk_size, local_size):  # inter, succ, intra
+            q_rotated = rotate(q_tile, positions, inv_freq)  # (B, K, G, R, D)
+            blocks.append(q_rotated.astype(mx.float32) @ k_t[..., keys])  # (B, K, G, R, keys) float32
+        # The blocks partition 0..i, so the hidden keys (j > i) are all in the intra block
+        # (the last), where the R queries are its last R keys: the plain causal mask of that
+        # block. -inf, not a large negative: weight exactly 0.
+        blocks[-1] = mx.where(mx.array(causal_mask(t1 - t0, blocks[-1].shape[-1])), blocks[-1], -mx.inf)
 
-        scores = mx.concatenate(blocks, axis=-1) * factor  # (B, K, G, R, end): keys 0 .. end - 1 in order
-        tiles.append(mx.softmax(scores, axis=-1) @ v[..., :end, :])  # (B, K, G, R, D) float32
-        t0 = t1
+        scores = (
+            mx.concatenate(blocks, axis=-1) * factor
+        )  # (B, K, G, R, S - T + t1): keys 0 .. i_last in order
+        tiles.append(mx.softmax(scores, axis=-1) @ v[..., : S - T + t1, :])  # (B, K, G, R, D) float32
 
     out = mx.concatenate(tiles, axis=-2)  # (B, K, G, T, D)
     return out.reshape(B, H, T, D).astype(dtype)  # (B, H, T, D), rounded once to the input dtype
