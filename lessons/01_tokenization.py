@@ -19,9 +19,10 @@
 # ever unknown.
 #
 # The figure counts the UTF-8 bytes each token covers (more is better: shorter sequences)
-# as the tokenizer learns more merges, for several languages. English and code compress from
-# the first few hundred merges; Chinese, Arabic and Hindi gain almost nothing until a few
-# thousand merges, and most of their compression comes from the last hundred thousand.
+# as the tokenizer learns more merges, on one sample each (a sentence, or a function) of
+# four languages and Python: a sketch, not a corpus statistic. English and code compress
+# from the first few hundred merges; Chinese, Arabic and Hindi gain almost nothing until a
+# few thousand merges, and most of their compression comes from the last hundred thousand.
 # That is why Qwen2's vocabulary is 151k tokens — Llama 2 had 32k: it serves 30 languages
 # and code.
 
@@ -147,10 +148,12 @@ assert raw.encode(decomposed, add_special_tokens=False).ids != bpe.encode(decomp
 # ## How Chinese, Arabic and code split
 #
 # Each token below is shown as the text of its bytes; a token holding part of a character
-# is shown as its bytes in hex. Notice: code indentation of 4 or 8 spaces is one token;
-# `2024` is four tokens (the regex takes **one digit** per piece, so numbers are spelled
-# out digit by digit, which helps arithmetic); a rare character such as 龘 (dá) is spelled
-# out in byte tokens.
+# is shown as its bytes in hex. Notice: code indentation of 4 or 8 spaces is *not* one
+# token. The pre-tokenizer's whitespace rule, `\s+(?!\S)`, stops one space short of the next
+# word, so 3 or 7 spaces are one token and the last space starts the keyword's (`' if'`,
+# `' return'`: the same tokens as in prose). `2024` is four tokens (the regex takes **one
+# digit** per piece, so numbers are spelled out digit by digit, which helps arithmetic); a
+# rare character such as 龘 (dá, three 龍, 48 strokes) is spelled out in byte tokens.
 
 
 # %%
@@ -166,7 +169,7 @@ def show(piece_ids: list[int]) -> str:
 
 
 rows = []
-for name, sample in {**SAMPLES, "digits": "In 2024, 1234567 tokens.", "rare": "龘龘 is 64 strokes"}.items():
+for name, sample in {**SAMPLES, "digits": "In 2024, 1234567 tokens.", "rare": "龘 has 48 strokes"}.items():
     ids = bpe.encode(sample)
     rows.append(
         [
@@ -180,6 +183,10 @@ for name, sample in {**SAMPLES, "digits": "In 2024, 1234567 tokens.", "rare": "�
     print(f"{name:8s} {show(ids[:16])}{' | …' if len(ids) > 16 else ''}")
 print()
 print_table(rows, ["text", "characters", "bytes", "tokens", "bytes/token"])
+python = [token_to_bytes(bpe.id_to_token[i]) for i in bpe.encode(SAMPLES["Python"])]
+for indent, keyword in ((b"   ", b" if"), (b"       ", b" return")):  # 4 and 8 spaces in the source
+    assert python[python.index(indent) + 1] == keyword  # indentation - 1 space, then " keyword"
+assert b"    " not in python and b"        " not in python  # no token holds the whole indentation
 
 # %% [markdown]
 # ## The chat template

@@ -165,8 +165,9 @@ assert rel < 1e-6
 
 # %% [markdown]
 # Two properties worth seeing: scaling the input leaves the output unchanged (only the
-# direction of x matters), and eps sits inside the root — with eps outside, a tiny vector
-# whose mean square equals eps would come out nearly unscaled instead of scaled by 1/√2.
+# direction of x matters), and eps sits inside the root. A tiny vector whose mean square
+# equals eps is damped to RMS 1/√2; with eps outside the root it would be normalised to
+# RMS ≈ 1 (here scaled up a thousandfold) as if eps were not there.
 
 # %%
 unit = np.ones(C, dtype=np.float32)
@@ -176,6 +177,7 @@ inside = rms_norm(tiny, unit, EPS)[0]
 outside = tiny[0] / (np.sqrt(np.mean(tiny**2)) + EPS)
 print(f"mean(x²) = eps: eps inside the root gives {inside:.4f} (1/√2), outside gives {outside:.4f}")
 assert abs(inside - 1 / np.sqrt(2)) < 1e-6
+assert abs(outside - 1) < 2e-3  # eps outside: 1e-3 / (1e-3 + 1e-6) = 0.999, the vector blown up to RMS 1
 
 # %% [markdown]
 # ## Exercise 02: write RMSNorm

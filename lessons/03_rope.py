@@ -90,8 +90,10 @@ cos, sin = ours(probe)  # (1, 6, D) each
 with torch.no_grad():
     hf_cos, hf_sin = (t.numpy() for t in hf(torch.zeros(1), torch.from_numpy(probe)[None]))
 print("max |Δcos|, |Δsin| vs HF:", np.abs(cos - hf_cos).max(), np.abs(sin - hf_sin).max())
-# The trap: the same angles computed in float64 are "more accurate" — and not what the model
-# was trained with. At p = 32,767 an angle of ~3e4 rad has a float32 spacing of ~0.002.
+# The trap: the same angles computed in float64 are "more accurate" — and not what HF
+# computes, which is what the tests compare with (how the model's training framework
+# rounded them is not published). At p = 32,767 an angle of ~3e4 rad has a float32 spacing
+# of ~0.002.
 cos64 = np.cos(probe[:, None].astype(np.float64) * inv_freq.astype(np.float64))  # (6, D/2)
 print("float64 angles instead: max |Δcos| vs HF =", np.abs(cos64 - hf_cos[0, :, : D // 2]).max())
 

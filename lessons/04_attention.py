@@ -36,7 +36,7 @@ from minqwen2.rope import RotaryEmbedding
 panels = [
     ("causal, T = S = 8", causal_mask(8, 8)),
     ("sliding window W = 3", causal_mask(8, 8, window=3)),
-    ("2 new queries, 6 cached keys", causal_mask(2, 8)),
+    ("2 new queries: 6 cached + 2 new keys", causal_mask(2, 8)),
 ]
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1, 1]})
 for ax, (title, mask) in zip(axes, panels, strict=True):
@@ -75,14 +75,15 @@ save_figure(fig, "04_masks")
 #
 # **GQA.** Qwen2 has H query heads but only K key/value heads (14 and 2 in the 0.5B). Each
 # KV head serves G = H / K *consecutive* query heads: query head h reads KV head `h // G`.
-# HF copies every KV head G times (`repeat_kv`); we reshape the queries instead, so K/V are
-# never copied.
+# HF's eager attention copies every KV head G times (`repeat_kv`; its SDPA path copies too,
+# unless it can pass `enable_gqa=True` to torch, without a mask, or reshape a single decoding
+# query as below); we always reshape the queries, so K/V are never copied.
 #
 # **Shapes.** `x (B, T, C)` → `q (B, H, T, D)`, `k, v (B, K, S, D)` with S = cached + new
 # tokens → `scores (B, K, G, T, S)` → `out (B, H, T, D)` → `(B, T, H·D)` → `y (B, T, C)`.
 #
 # **Read:** `minqwen2/attention.py`: `causal_mask`, then `grouped_query_attention` (the
-# formula above in eight lines; its `softmax` is the one in `minqwen2/functional.py`),
+# formula above, with the GQA reshape; its `softmax` is the one in `minqwen2/functional.py`),
 # then `Attention`. The module ends with a fast path, `attention_fast`: the same numbers
 # in fewer passes over the scores, and what the model runs unless told otherwise
 # (`minqwen2/fastpath.py`; lesson 07 says why). The cache itself is `minqwen2/kv_cache.py`

@@ -34,7 +34,7 @@ from transformers import Qwen2Config as HFQwen2Config
 
 from minqwen2.config import Qwen2Config
 from minqwen2.model import Qwen2Model
-from minqwen2.registry import checkpoint_tensors, weight_bytes
+from minqwen2.registry import checkpoint_tensors, find_model, weight_bytes
 
 
 def best_time(fn, repeats: int = 3) -> float:
@@ -112,7 +112,8 @@ save_figure(fig, "07_cost_curve")
 # **Shapes.** Per layer, keys and values `(B, K, capacity, D)`, of which `S` rows are valid.
 # Prefill: x `(B, T, C)` with T the prompt length. Decode: x `(B, 1, C)`, scores `(B, H, 1, S)`.
 # Memory: `2 · layers · K · D · 4 bytes` per token in float32 — for the default model
-# (24 layers, K = 2, D = 64) 24 KB a token, 786 MB at its 32,768-token context.
+# (24 layers, K = 2, D = 64) 24 KiB (24,576 bytes) a token, 768 MiB (805 MB) at its
+# 32,768-token context.
 #
 # **Read:** `minqwen2/kv_cache.py` (`LayerKVCache.update`, `rewind`, and why it preallocates
 # instead of concatenating), then `Attention.__call__` in `minqwen2/attention.py` and
@@ -122,6 +123,9 @@ save_figure(fig, "07_cost_curve")
 # tokens, then decode 4, one at a time:
 
 # %%
+coder = find_model("Qwen/Qwen2.5-Coder-0.5B-Instruct").qwen2_config()  # the default model's config.json
+kv_per_token = 2 * coder.num_hidden_layers * coder.num_key_value_heads * coder.head_dim * 4  # bytes, float32
+assert kv_per_token == 24 * 2**10 and kv_per_token * 32_768 == 768 * 2**20  # 24 KiB; 768 MiB = 805 MB
 hf_config = HFQwen2Config(vocab_size=257, hidden_size=48, intermediate_size=37, num_hidden_layers=3,
                           num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
 torch.manual_seed(0)

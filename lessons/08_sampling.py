@@ -71,11 +71,12 @@ N = 30  # tokens shown in the figures: the head of the distribution
 labels = [repr(tokenizer.decode([int(t)]))[1:-1] for t in np.argsort(probs)[::-1][:N]]
 order = np.argsort(probs)[::-1][:N]
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), sharey=True, layout="constrained")
 for ax, T in zip(axes, (0.5, 1.0, 1.5), strict=True):
     p = softmax(apply_temperature(logits, T))
     ax.bar(range(N), p[order], color="#4c72b0")
-    ax.set_title(f"temperature {T}: top token {p[order[0]]:.2f}, top {N} hold {p[order].sum():.2f}")
+    title = f"temperature {T}\ntop token {p[order[0]]:.2f}, top {N} hold {p[order].sum():.2f}"  # two lines
+    ax.set_title(title, fontsize=10)
     ax.set_xticks(range(N), labels, rotation=90, fontsize=7)
 axes[0].set_ylabel("probability")
 fig.suptitle(f"The default model's next token after {prompt!r}")
@@ -133,18 +134,18 @@ print_table(rows, ["step", "tokens left", "vs HF"])
 # `top_p` of the mass: few when the model is sure, many when it is not. **Min-p** keeps the
 # tokens at least `min_p` times as likely as the best one: its cut rises with the top
 # token's probability. The figure shows which of the 30 most likely tokens each keeps
-# (the bars are the probabilities after renormalising the kept ones).
+# (filled bars: the probabilities after renormalising the kept ones; outlines: before).
 
 # %%
 filters = [("top-k = 5", apply_top_k(logits, 5)), ("top-p = 0.8", apply_top_p(logits, 0.8)),
            ("min-p = 0.1", apply_min_p(logits, 0.1))]  # fmt: skip
-fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True, layout="constrained")
 for ax, (name, filtered) in zip(axes, filters, strict=True):
     kept = np.isfinite(filtered)
     p = softmax(filtered)  # renormalised over the kept tokens
-    ax.bar(range(N), probs[order], color="lightgray", label="before")
-    ax.bar(range(N), np.where(kept[order], p[order], 0), color="#dd8452", alpha=0.8, label="after")
-    ax.set_title(f"{name}: {kept.sum()} tokens kept, {probs[kept].sum():.2f} of the mass")
+    ax.bar(range(N), np.where(kept[order], p[order], 0), color="#dd8452", label="after (renormalised)")
+    ax.bar(range(N), probs[order], fill=False, edgecolor="#555555", lw=0.8, label="before")  # outlines on top
+    ax.set_title(f"{name}: {kept.sum()} tokens kept, {probs[kept].sum():.2f} of the mass", fontsize=10)
     ax.set_xticks(range(N), labels, rotation=90, fontsize=7)
 axes[0].set_ylabel("probability")
 axes[0].legend()

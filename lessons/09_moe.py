@@ -12,11 +12,13 @@
 # **Why.** A dense model pays for every parameter on every token. A *mixture of experts*
 # (MoE) replaces the MLP of a layer by E smaller MLPs, the *experts*, and a *router* that
 # sends each token to only k of them: the model stores E experts' worth of knowledge, each
-# token pays for k. Qwen2-57B-A14B has 64 routed experts, picks 8 per token, and adds one
-# *shared expert* that every token uses through a learned sigmoid gate: 57 billion
-# parameters in total, 14 billion active per token — the "A14B" of its name. The figure
-# shows the routing of a tiny random MoE (8 experts, k = 2, 400 tokens): how many tokens
-# each expert receives, and how much router probability the k chosen experts hold.
+# token pays for k. Qwen2-57B-A14B has 64 routed experts, picks 8 per token, and adds
+# *shared experts* that every token uses — plural in the report; in the checkpoint and HF's
+# code they are one MLP 20,480 wide, 8 routed experts' width (8 × 2,560), behind one
+# learned sigmoid gate. 57 billion parameters in total, 14 billion active per token — the
+# "A14B" of its name. The figure shows the routing of a tiny random MoE (8 experts, k = 2,
+# 400 tokens): how many tokens each expert receives, and how much router probability the k
+# chosen experts hold.
 
 # %%
 import matplotlib.pyplot as plt
@@ -158,7 +160,8 @@ print_table(rows, ["tokens N", "experts hit", "loop: N·k·3CI multiply-adds", "
 #
 # From the registry's configs (`minqwen2/registry.py`, `count_parameters`, lesson 00):
 # a token uses the router, the shared expert and k of the E routed experts in each layer,
-# plus attention, norms and the embedding row.
+# plus attention and norms, and — by convention, the one that gives "A14B" — the *whole*
+# embedding table and `lm_head`, though a lookup reads one row of the table.
 
 # %%
 rows = []
@@ -168,6 +171,13 @@ for name in ("Qwen/Qwen2-57B-A14B", "Qwen/Qwen2-7B", "Qwen/Qwen2-72B"):
     kind = f"{c.num_experts_per_tok}/{c.num_experts} experts" if c.num_experts else "dense"
     rows.append([name, kind, f"{n.total / 1e9:.1f}B", f"{n.active / 1e9:.1f}B", f"{n.active / n.total:.0%}"])
 print_table(rows, ["model", "MLP", "total", "active per token", "share"])
+moe = find_model("Qwen/Qwen2-57B-A14B").qwen2_config()
+# The shared experts: one MLP as wide as 8 routed experts.
+assert moe.shared_expert_intermediate_size == 8 * moe.moe_intermediate_size == 20_480
+n = count_parameters(moe)
+tables = n.embedding + n.lm_head  # (V, C) twice: untied
+print(f"57B-A14B: {n.active / 1e9:.2f}B active, {tables / 1e9:.2f}B of them the embedding table and lm_head")
+assert round(n.active / 1e9) == 14 and round((n.active - tables) / 1e9) == 13  # without them: "A13B"
 
 # %% [markdown]
 # ## Exercise 09: routing and the per-expert loop

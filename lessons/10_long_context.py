@@ -11,9 +11,9 @@
 #
 # **Why.** Qwen2 and Qwen2.5 models are trained on 32,768 tokens. The model cards of
 # Qwen2.5-7B and larger, and of Qwen2-7B/72B-Instruct, extend them to 131,072 with **YaRN**:
-# new RoPE frequencies (lesson 03) plus one attention temperature. The small ones — Qwen2-0.5B/1.5B, Qwen2.5-0.5B to 3B and
-# this course's default model, Qwen2.5-Coder-0.5B-Instruct — are 32K models (the table near
-# the end). A distance beyond the trained length makes the *slow* frequency bands turn to
+# new RoPE frequencies (lesson 03) plus one attention temperature. The small ones —
+# Qwen2-0.5B/1.5B, Qwen2.5-0.5B to 3B and this course's default model,
+# Qwen2.5-Coder-0.5B-Instruct — are 32K models (the table near the end). A distance beyond the trained length makes the *slow* frequency bands turn to
 # angles they never saw in training, and the model's attention breaks down. The *fast*
 # bands have turned many times over 32K tokens and saw every angle already: they are fine as
 # they are. YaRN keeps the fast bands, divides the slow ones by the factor (4: 32K → 128K

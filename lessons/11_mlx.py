@@ -13,8 +13,9 @@
 # multiplies every weight matrix by one vector, so its time is at least the bytes it reads
 # divided by the machine's memory bandwidth. There are two ways to go faster: read the
 # bytes faster, or read fewer of them. MLX, Apple's array framework, does both. On Apple
-# silicon the CPU and GPU share one *unified memory* (68 to 800 GB/s, several times a
-# laptop's DDR), so the GPU reads the weights where they lie, with no copy; MLX's
+# silicon the CPU and GPU share one *unified memory* (68 to 800 GB/s: an M1 reads about as
+# fast as a laptop's dual-channel DDR5, the largest chips ten times faster), so the GPU
+# reads the weights where they lie, with no copy; MLX's
 # `mx.fast` kernels compute a whole RMSNorm, RoPE or attention in one pass instead of
 # NumPy's several; and quantized weights (8 or 4 bits instead of 32) cut the bytes per
 # token by 4 to 7 times. minqwen2's MLX twin (`minqwen2/*_mlx.py`) is the NumPy model
@@ -34,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 from course import LESSONS_DIR, print_table, save_figure
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from matplotlib.ticker import NullFormatter
 from transformers import Qwen2Config as HFQwen2Config
 from transformers.models.qwen2 import modeling_qwen2 as hf_qwen2
@@ -58,7 +60,13 @@ weights = load_weights(MODEL_DIR, config)  # float32, memory-mapped: only what w
 rng = np.random.default_rng(0)
 
 # Published peak memory bandwidths (Apple's specifications), GB/s.
-APPLE_BANDWIDTH = {"M1": 68, "M2": 100, "M4": 120, "M4 Pro": 273, "M2 Max": 400, "M4 Max": 546, "M2 Ultra": 800}
+APPLE_BANDWIDTH = {"M1": 68, "M2": 100, "M4": 120, "M4 Pro": 273, "M2 Max": 400, "M4 Max": 546,
+                   "M2 Ultra": 800}  # fmt: skip
+LAPTOP_DDR5 = 2 * 8 * 4800e6 / 1e9  # GB/s: two 64-bit (8-byte) channels at 4,800 transfers a second
+assert (
+    APPLE_BANDWIDTH["M1"] < LAPTOP_DDR5 < APPLE_BANDWIDTH["M2"]
+    and 10 < APPLE_BANDWIDTH["M2 Ultra"] / LAPTOP_DDR5 < 11
+)
 FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "8-bit": ("bfloat16", 8),
            "4-bit": ("bfloat16", 4)}  # fmt: skip
 
@@ -93,7 +101,9 @@ for i, b in enumerate(per_token.values()):
 chips = ["M1", "M4", "M4 Pro", "M2 Max", "M2 Ultra"]  # from 68 to 800 GB/s
 width = 0.8 / len(per_token)
 for i, (name, b) in enumerate(per_token.items()):
-    right.bar(np.arange(len(chips)) + i * width, [APPLE_BANDWIDTH[c] * 1e9 / b for c in chips], width, label=name)
+    right.bar(
+        np.arange(len(chips)) + i * width, [APPLE_BANDWIDTH[c] * 1e9 / b for c in chips], width, label=name
+    )
 right.set_xticks(np.arange(len(chips)) + 0.4 - width / 2, [f"{c}\n{APPLE_BANDWIDTH[c]} GB/s" for c in chips])
 right.set_yscale("log")
 right.set_ylabel("tokens/s at most (bandwidth / bytes)")
@@ -233,29 +243,39 @@ q = rng.standard_normal((1, H, T, D)).astype(np.float32)  # (B, H, T, D)
 cos, sin = RotaryEmbedding(config)(np.arange(offset, offset + T))  # (1, T, D) each
 ours = q * cos[:, None] + rotate_half(q) * sin[:, None]  # rope.py's line, heads broadcast
 periods = rope_mlx.RotaryEmbedding(config).freqs  # (D/2,) = 1 / inv_freq
-fast = np.array(mx.fast.rope(mx.array(q), D, traditional=False, base=None, scale=1.0, offset=offset, freqs=periods))
-adjacent = np.array(mx.fast.rope(mx.array(q), D, traditional=True, base=None, scale=1.0, offset=offset, freqs=periods))
+fast = np.array(
+    mx.fast.rope(mx.array(q), D, traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
+)
+adjacent = np.array(
+    mx.fast.rope(mx.array(q), D, traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
+)
 hf_config = HFQwen2Config.from_pretrained(MODEL_DIR)
-hf_cos, hf_sin = hf_qwen2.Qwen2RotaryEmbedding(hf_config)(torch.from_numpy(q), torch.arange(offset, offset + T)[None])
+hf_cos, hf_sin = hf_qwen2.Qwen2RotaryEmbedding(hf_config)(
+    torch.from_numpy(q), torch.arange(offset, offset + T)[None]
+)
 theirs, _ = hf_qwen2.apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(q), hf_cos, hf_sin)
 theirs = theirs.numpy()
 print(f"mx.fast.rope (traditional=False) vs rotate_half: max |Δ| = {np.abs(fast - ours).max():.1e}, "
       f"vs HF {np.abs(fast - theirs).max():.1e}; traditional=True vs HF: {np.abs(adjacent - theirs).max():.2f}")  # fmt: skip
 # A few ulp of |q| <= ~5: cos/sin evaluated differently, then three roundings in x·cos + rot(x)·sin
 # (tests/test_mlx_components.py's ROPE_RTOL, 4e-6 of max |x|). The wrong pairing is off by O(1).
-assert np.abs(fast - theirs).max() <= 4e-6 * np.abs(q).max() and np.abs(fast - ours).max() <= 4e-6 * np.abs(q).max()
+assert (
+    np.abs(fast - theirs).max() <= 4e-6 * np.abs(q).max()
+    and np.abs(fast - ours).max() <= 4e-6 * np.abs(q).max()
+)
 assert np.abs(adjacent - theirs).max() > 0.5
 assert np.allclose(np.linalg.norm(fast, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)  # a rotation
 
 # %% [markdown]
 # ### Attention: the kernel does GQA itself
 #
-# `grouped_query_attention` reshapes the queries to `(B, K, G·T, D)` so that one product
-# per KV head scores the G query heads sharing it, never copying k and v. HF copies them
-# (`repeat_kv`) G times. `mx.fast.scaled_dot_product_attention` takes k and v with K heads
-# for q with H heads and pairs query head h with KV head h // G inside the kernel — the
-# same pairing, with no copy and no reshaping. `mask="causal"` is the lower-right aligned
-# causal mask of lesson 04; a single decoding token needs no mask at all.
+# `grouped_query_attention` reshapes the queries to `(B, K, G, T, D)` so that k and v,
+# broadcast along the G axis, serve the G query heads sharing them without being copied.
+# HF's eager attention copies them (`repeat_kv`) G times.
+# `mx.fast.scaled_dot_product_attention` takes k and v with K heads for q with H heads and
+# pairs query head h with KV head h // G inside the kernel — the same pairing, with no copy
+# and no reshaping. `mask="causal"` is the lower-right aligned causal mask of lesson 04; a
+# single decoding token needs no mask at all.
 
 # %%
 S = 12  # 4 tokens in the cache, T = 8 new ones
@@ -263,8 +283,11 @@ k = rng.standard_normal((1, K, S, D)).astype(np.float32)  # (B, K, S, D)
 v = rng.standard_normal((1, K, S, D)).astype(np.float32)  # (B, K, S, D)
 scaling = D**-0.5
 ours = grouped_query_attention(q, k, v, causal_mask(T, S), scaling)  # (B, H, T, D)
-fast = np.array(mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=scaling, mask="causal"))
-hf_mask = torch.where(torch.from_numpy(causal_mask(T, S)), 0.0, torch.finfo(torch.float32).min)[None, None]  # (1, 1, T, S)
+fast = np.array(
+    mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=scaling, mask="causal")
+)
+hf_mask = torch.where(torch.from_numpy(causal_mask(T, S)), 0.0, torch.finfo(torch.float32).min)  # (T, S)
+hf_mask = hf_mask[None, None]  # (1, 1, T, S)
 theirs, _ = hf_qwen2.eager_attention_forward(
     SimpleNamespace(num_key_value_groups=H // K, training=False),  # what HF's kernel reads of its module
     torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), hf_mask, scaling,
@@ -284,7 +307,10 @@ assert np.allclose(fast, theirs, atol=1e-5, rtol=1e-5) and np.allclose(fast, our
 # one: a fused gate/up product, the activation, the down product. On the real layer 0:
 
 # %%
-mlp_weights = {n: np.array(weights[f"model.layers.0.mlp.{n}"]) for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")}
+mlp_weights = {
+    n: np.array(weights[f"model.layers.0.mlp.{n}"])
+    for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+}
 h = (rng.standard_normal((1, 16, C))).astype(np.float32)  # (B, T, C): the scale RMSNorm gives
 ours = MLP(mlp_weights)(h)  # (B, T, C)
 fast = np.array(mlp_mlx.MLP({n: mx.array(w) for n, w in mlp_weights.items()})(mx.array(h)))
@@ -331,7 +357,9 @@ timings = {
     "MLX, one op at a time": best_time(lambda: mx.eval(rms_norm_unfused(xm, wm, config.rms_norm_eps))),
     "mx.fast.rms_norm": best_time(lambda: mx.eval(rmsnorm_mlx.rms_norm(xm, wm, config.rms_norm_eps))),
 }
-print_table([[name, f"{t * 1e3:.1f} ms"] for name, t in timings.items()], ["RMSNorm of (4096, 896)", "best of 3"])
+print_table(
+    [[name, f"{t * 1e3:.1f} ms"] for name, t in timings.items()], ["RMSNorm of (4096, 896)", "best of 3"]
+)
 
 # %% [markdown]
 # ## Quantization: 8 and 4 bits, in groups of 64
@@ -350,11 +378,46 @@ print_table([[name, f"{t * 1e3:.1f} ms"] for name, t in timings.items()], ["RMSN
 # lies exactly on the grid (the scale is negative when the bias is the maximum). The
 # integers are packed `32 / bits` to a `uint32`, the first in the lowest bits.
 #
-# A real matrix: layer 12's `gate_proj`, 4,864 × 896 weights.
+# **The float32 "original" was quantized already.** The default model is converted from a
+# GGUF file whose matrices are stored in llama.cpp's formats — Q5_0, Q8_0, Q6_K and Q4_K
+# (`weights/README.md`) — and dequantized exactly to float32. GGUF's formats spend their
+# bits differently from MLX's: Q5_0 and Q8_0 are blocks of 32 with one float16 scale and no
+# bias; the *k-quants* group 256 weights into a super-block of 16- or 32-weight sub-blocks,
+# whose own scales (and, for Q4_K, minima) are themselves quantized to 6 or 8 bits under
+# float16 super-block scales. So Q4_K has a scale and a minimum for every 32 weights, where
+# MLX's 4-bit has them for every 64, for the same 4.5 bits a weight:
+
+# %%
+GGUF_FORMATS = {"Q4_K": GGMLQuantizationType.Q4_K, "Q5_0": GGMLQuantizationType.Q5_0,
+                "Q6_K": GGMLQuantizationType.Q6_K, "Q8_0": GGMLQuantizationType.Q8_0}  # fmt: skip
+# MLX: 64 weights of b bits plus a bfloat16 scale and bias (16 bits each) per group.
+bits_per_weight = {f"MLX {b}-bit": (GROUP_SIZE * b + 2 * 16) / GROUP_SIZE for b in (4, 8)}
+for name, kind in GGUF_FORMATS.items():
+    block, block_bytes = GGML_QUANT_SIZES[kind]  # weights per block, bytes per block (the gguf package)
+    bits_per_weight[f"GGUF {name} (blocks of {block})"] = block_bytes * 8 / block
+print_table([[name, f"{b:.4g}"] for name, b in bits_per_weight.items()], ["format", "bits per weight"])
+assert bits_per_weight["MLX 4-bit"] == bits_per_weight["GGUF Q4_K (blocks of 256)"] == 4.5
+assert bits_per_weight["MLX 8-bit"] == bits_per_weight["GGUF Q8_0 (blocks of 32)"] == 8.5
+
+# %% [markdown]
+# A real matrix: layer 12's `gate_proj`, 4,864 × 896 weights, stored as Q5_0 in the GGUF:
+# every block of 32 weights is an integer from −16 to 15 times the block's scale, and the
+# cell checks that on the float32 numbers. An MLX group of 64 spans two such blocks, each
+# on a grid of its own step, and lays its own 16 or 256 levels over both. Everything
+# measured below is therefore the cost of *re*-quantizing weights that already sit on a
+# grid, not what quantizing Qwen's original bfloat16 weights would cost (these files cannot
+# tell us that).
 
 # %%
 W = np.array(weights["model.layers.12.mlp.gate_proj.weight"])  # (F, C) float32
 groups = W.reshape(W.shape[0], -1, GROUP_SIZE)  # (F, C/64, 64)
+q5_blocks = W.reshape(-1, 32)  # (F·C/32, 32): the GGUF's Q5_0 blocks
+extreme = np.take_along_axis(q5_blocks, np.abs(q5_blocks).argmax(-1, keepdims=True), -1)  # (n, 1), signed
+q5_step = -extreme / 16  # (n, 1): Q5_0 puts a block's largest-magnitude weight at -16 steps
+q5_ints = q5_blocks / np.where(q5_step == 0, 1, q5_step)  # (n, 32): each weight in steps of its block
+assert np.array_equal(q5_ints, np.round(q5_ints))  # exactly whole numbers (float16 step × small integer) ...
+assert q5_ints.min() >= -16 and q5_ints.max() <= 15  # ... from -16 to 15: 5 bits
+print(f"{len(q5_blocks):,} blocks of 32, each a float16 step times integers from -16 to 15 (GGUF Q5_0)")
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -386,11 +449,16 @@ for bits in (8, 4):
                  f"{np.abs(errors[bits]).mean():.2e}",
                  f"{np.linalg.norm(errors[bits]) / np.linalg.norm(W):.2%}", f"{worst_in_steps:.2f}"])  # fmt: skip
     assert worst_in_steps <= 1.0 + 1e-3  # within one step (tests/test_mlx_components.py's bound)
-print(f"gate_proj of layer 12: {W.shape}, {W.nbytes / 1e6:.2f} MB in float32, max |w| = {np.abs(W).max():.3f}")
+print(
+    f"gate_proj of layer 12: {W.shape}, {W.nbytes / 1e6:.2f} MB in float32, max |w| = {np.abs(W).max():.3f}"
+)
 print_table(rows, ["format", "memory (float32 scales)", "max |error|", "mean |error|", "relative (Frobenius)",
                    "worst error / step"])  # fmt: skip
 print(f"with bfloat16 scales and biases (the MLX default): 8-bit {W.size * (8 + 0.5) / 8 / 1e6:.2f} MB, "
       f"4-bit {W.size * (4 + 0.5) / 8 / 1e6:.2f} MB")  # fmt: skip
+finer = np.abs(errors[4]).mean() / np.abs(errors[8]).mean()
+print(f"mean |error|: 8 bits {finer:.1f} times smaller than 4 bits (the steps: 255 / 15 = 17)")
+assert 17 / 2 < finer < 17 * 2
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
 group = groups[0, 0]  # (64,) the first group of the first row
@@ -416,8 +484,9 @@ right.legend()
 save_figure(fig, "11_quantization_error")
 
 # %% [markdown]
-# Each bit halves the step, so 8 bits errs 17 times less than 4 (2⁸ − 1 = 255 levels vs
-# 15). What a model loses to that error is measured by *perplexity*: the exponential of
+# Each bit halves the step, so 8 bits' step is 17 times finer than 4 bits' (2⁸ − 1 = 255
+# steps across a group vs 2⁴ − 1 = 15; 256 levels vs 16), and so is its error, roughly (the
+# table). What a model loses to that error is measured by *perplexity*: the exponential of
 # the mean negative log-likelihood of a text, token by token — how surprised the model is.
 # `tests/test_mlx_real.py` measures it on `tests/data/perplexity.md` (1,024 tokens of
 # English Markdown), with every matrix of the model quantized and the rest float32. That
@@ -427,9 +496,12 @@ save_figure(fig, "11_quantization_error")
 
 # %%
 tokenizer = load_tokenizer(MODEL_DIR)
-ids = tokenizer.encode((LESSONS_DIR.parent / "tests" / "data" / "perplexity.md").read_text(encoding="utf-8"))[:256]
+text = (LESSONS_DIR.parent / "tests" / "data" / "perplexity.md").read_text(encoding="utf-8")
+ids = tokenizer.encode(text)[:256]
 embedded = weights["model.embed_tokens.weight"][ids]  # (T, C)
-mlp_in = rms_norm(embedded, np.array(weights["model.layers.0.post_attention_layernorm.weight"]), config.rms_norm_eps)
+mlp_in = rms_norm(
+    embedded, np.array(weights["model.layers.0.post_attention_layernorm.weight"]), config.rms_norm_eps
+)
 reference = MLP(mlp_weights)(mlp_in)  # (T, C) float32
 
 
@@ -463,9 +535,10 @@ assert layer_errors == sorted(layer_errors)  # fewer bits, larger error: bfloat1
 # ```
 #
 # (a few minutes on the development machine): bfloat16 weights cost nothing
-# measurable (+0.02%), 8 bits +0.16%, 4 bits +11%. 4 bits pays off where the bytes matter
-# most — a large model on a small machine; a 0.5B model fits in memory in any format and
-# can keep its quality at 8 bits.
+# measurable (+0.02%), 8 bits +0.16%, 4 bits +11% — over a baseline that is itself the
+# GGUF's 4.5-8.5-bit grids, so these are re-quantization costs. 4 bits pays off where the
+# bytes matter most — a large model on a small machine; a 0.5B model fits in memory in any
+# format and can keep its quality at 8 bits.
 #
 # ## Speed: what this CPU does, and what Apple silicon would
 #
@@ -517,6 +590,13 @@ print_table(
 # several times slower. That is why the MLX model decodes at a few tokens per second at
 # best on this machine.
 #
+# Fewer bytes *do* pay on this CPU when the kernel is written for it. In the right panel of
+# the figure below, `llama-cpp` is llama.cpp decoding the GGUF's own quantized weights
+# (about 0.39 GB a token, five times fewer bytes than float32) with SIMD kernels that unpack
+# as they stream; `llama-cpp-f32` is the same program on the same weights in float32. In the
+# committed run the quantized one decodes about three times as fast (printed below, from
+# `bench.json`): the thesis of lessons 07 and 11 — decode speed is bytes — measured here.
+#
 # On Apple silicon the same calls run as Metal kernels on the GPU, written to keep up with
 # the unified memory: there a decode step is limited by the bytes it reads, as lesson 07
 # found for NumPy here, so the ceilings computed below are the yardstick — fewer bytes,
@@ -535,7 +615,9 @@ def number(value: object, spec: str) -> str:
 
 
 if bench is None:
-    print(f"no {bench_path.name} yet: run `make bench` (or `minqwen2 bench`) to measure every engine end to end")
+    print(
+        f"no {bench_path.name} yet: run `make bench` (or `minqwen2 bench`) to measure every engine end to end"
+    )
 else:
     machine = bench.get("machine", {})
     print(f"benchmark machine: {number(machine.get('memory_bandwidth_gb_s'), '.1f')} GB/s memory bandwidth, "
@@ -555,20 +637,35 @@ else:
             ["chip", "GB/s (published)", "decode tok/s (computed by the benchmark)"],
         )  # fmt: skip
 
+    by_name = {e.get("name"): e for e in bench.get("engines", [])}
+    quantized, f32 = by_name.get("llama-cpp", {}), by_name.get("llama-cpp-f32", {})
+    if quantized.get("weight_bytes_per_token") and f32.get("weight_bytes_per_token"):
+        fewer = f32["weight_bytes_per_token"] / quantized["weight_bytes_per_token"]
+        faster = (quantized.get("decode_tok_s") or 0) / (f32.get("decode_tok_s") or float("inf"))
+        print(f"llama.cpp, the GGUF's quantized weights vs float32: {fewer:.1f}x fewer bytes a token, "
+              f"{faster:.1f}x the decode speed (measured)")  # fmt: skip
+        assert 4 < fewer < 6  # 0.39 GB against 1.98 GB: arithmetic on the formats, not a timing
+
 # The expectation on Apple silicon: published bandwidth / bytes per token. Computed, not measured.
 here = {name: bandwidth / b for name, b in per_token.items()}
 print(f"this machine: {bandwidth / 1e9:.1f} GB/s (NumPy matvec) -> decode ceilings "
       + ", ".join(f"{name} {tps:.1f}" for name, tps in here.items()) + " tok/s (computed)")  # fmt: skip
 print_table(
-    [[chip, f"{gb} GB/s", *(f"{gb * 1e9 / b:.0f}" for b in per_token.values())] for chip, gb in APPLE_BANDWIDTH.items()],
+    [
+        [chip, f"{gb} GB/s", *(f"{gb * 1e9 / b:.0f}" for b in per_token.values())]
+        for chip, gb in APPLE_BANDWIDTH.items()
+    ],
     ["Apple chip", "published bandwidth", *(f"{name} tok/s" for name in per_token)],
 )
-print("(decode ceilings, computed: a real decode step also reads the KV cache and does not reach peak bandwidth)")
+print(
+    "(decode ceilings, computed: a real decode step also reads the KV cache and does not reach peak bandwidth)"
+)
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
 names = [name for name, _, _ in measured]
 speeds = [nbytes / t / 1e9 for _, nbytes, t in measured]  # GB/s
 left.barh(names, speeds, color=["#55a868"] + ["#4c72b0"] * 3 + ["#dd8452"] * 3)
+left.tick_params(axis="y", labelsize=10)
 for i, gbs in enumerate(speeds):
     left.text(gbs, i, f" {gbs:.2f}", va="center", fontsize=8)
 left.invert_yaxis()
@@ -579,8 +676,12 @@ if bench is not None and bench.get("engines"):
     y = np.arange(len(engines_run))
     right.barh(y - 0.2, [e.get("decode_ceiling_tok_s") or 0 for e in engines_run], 0.4, color="#dddddd",
                label="ceiling: bandwidth / bytes (computed)")  # fmt: skip
-    right.barh(y + 0.2, [e.get("decode_tok_s") or 0 for e in engines_run], 0.4, color="#4c72b0", label="decode (measured)")
-    right.set_yticks(y, [str(e.get("name")) for e in engines_run], fontsize=8)  # formats: bench.json
+    decoded = [e.get("decode_tok_s") or 0 for e in engines_run]
+    right.barh(y + 0.2, decoded, 0.4, color="#4c72b0", label="decode (measured)")
+    for i, tps in enumerate(decoded):
+        if tps:
+            right.text(tps, i + 0.2, f" {tps:.1f}", va="center", fontsize=8)
+    right.set_yticks(y, [str(e.get("name")) for e in engines_run], fontsize=10)  # formats: bench.json
     right.set_title("The default model end to end (minqwen2 bench)")
 else:
     where = {f"this machine, {bandwidth / 1e9:.0f} GB/s": bandwidth / 1e9} | {
@@ -588,14 +689,19 @@ else:
     }
     height = 0.8 / len(where)
     for i, (label, gbs) in enumerate(where.items()):
-        right.barh(np.arange(len(per_token)) + i * height, [gbs * 1e9 / b for b in per_token.values()], height, label=label)
+        right.barh(
+            np.arange(len(per_token)) + i * height,
+            [gbs * 1e9 / b for b in per_token.values()],
+            height,
+            label=label,
+        )
     right.set_yticks(np.arange(len(per_token)) + 0.4 - height / 2, list(per_token))
     right.set_title("Decode ceilings: bandwidth / bytes per token (computed)")
 right.invert_yaxis()
 right.set_xscale("log")
 right.xaxis.set_minor_formatter(NullFormatter())  # label the powers of ten only
 right.set_xlabel("tokens per second")
-right.legend(fontsize=8, loc="upper right")
+right.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: off the bars
 save_figure(fig, "11_speed")
 
 # %% [markdown]

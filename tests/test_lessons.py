@@ -191,6 +191,37 @@ def test_path_finder_finds_paths():
     assert _LINK.findall(text) == ["README.md"]
 
 
+# "(55 lines)", "in eight lines": a count of a module's lines goes stale the day the module
+# changes (three did, unnoticed). The lessons say what the code does instead.
+_NUMBERS = "one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|fifty|hundred"
+_COUNT = rf"(?:\d[\d,]*|{_NUMBERS})\s+lines\b"
+# "(55 lines", "in eight lines", "40 lines long", "12 lines of code": sizes, not "the two lines cross".
+_LINE_COUNT = re.compile(
+    rf"(?:\(|\bin\s+){_COUNT}|\b{_COUNT}\s+(?:long|of\s+(?:code|Python|NumPy))", re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(LESSONS_DIR)))
+def test_no_line_counts(doc):
+    counts = _LINE_COUNT.findall(doc.read_text(encoding="utf-8"))
+    assert not counts, f"{doc.name} quotes line counts, which nothing keeps true: {counts}"
+
+
+def test_line_count_finder_finds_counts():
+    text = "rmsnorm.py (55 lines); the formula in eight lines; 1,024 lines long; Eight lines of code"
+    assert len(_LINE_COUNT.findall(text)) == 4
+    assert not _LINE_COUNT.findall("one line of NumPy; the NumPy lines it replaces; the two lines cross")
+
+
+def test_readme_names_the_lessons_that_read_the_model():
+    """The course README's "Lessons 01, 02, ... read the default model" is the lessons' own list."""
+    readme = (LESSONS_DIR / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"Lessons ((?:\d\d, )+\d\d and \d\d) read the default model", " ".join(readme.split()))
+    assert found, "lessons/README.md should say which lessons read the default model"
+    named = re.findall(r"\d\d", found.group(1))
+    assert named == [p.name[:2] for p in LESSONS if lesson_needs_model(p)]
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
 def test_lesson_has_every_part_and_quotes_its_checker(lesson):
     text = lesson.read_text(encoding="utf-8")
