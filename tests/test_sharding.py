@@ -1,0 +1,242 @@
+"""The sharding rule (minqwen2/sharding.py): the shards partition every split tensor, and the
+Megatron identity holds with the package's own components.
+
+The numerical tests split a tiny random model's attention and MLP over 2 and 4 simulated
+ranks (plain NumPy, no processes) and add the ranks' outputs, as the ``all_sum`` would:
+that must be the unsplit layer's output. Tolerance: a rank's partial sum adds fewer terms
+of the same products, in another order; float32 reordering moves a sum of n terms by at
+most ``n · eps · Σ|terms|`` (eps = 2⁻²⁴). The bound is computed per output from
+``|x| · |W|ᵀ`` (the sum of the absolute products), with ``n`` the full inner dimension plus
+the number of ranks (the all_sum's own additions) and a factor 2 for the products before
+(q·k and softmax per head are the same operations on the same numbers on both sides; their
+inputs differ by the projection's round-off, which the factor covers). Real errors (a
+shard off by one column, the wrong heads on a rank) are O(1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minqwen2.attention import Attention
+from minqwen2.checkpoint import checkpoint_tensors
+from minqwen2.config import Qwen2Config
+from minqwen2.mlp import MLP
+from minqwen2.registry import REGISTRY
+from minqwen2.rope import RotaryEmbedding
+from minqwen2.sharding import (
+    ShardingError,
+    check_layout,
+    rank_config,
+    rank_shapes,
+    rank_slices,
+    rank_weight_bytes,
+    split_kind,
+    split_sizes,
+)
+
+EPS32 = 2.0**-24
+
+#: A tiny dense model whose widths split over 1, 2 and 4 ranks (MLP widths in groups of 64).
+TP_DENSE = dict(
+    model_type="qwen2", vocab_size=101, hidden_size=64, intermediate_size=384, num_hidden_layers=2,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+    rope_theta=10000.0, tie_word_embeddings=False,
+)  # fmt: skip
+#: A tiny MoE model with a dense layer mixed in, and a shared expert.
+TP_MOE = dict(
+    model_type="qwen2_moe", vocab_size=101, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    rope_theta=10000.0, tie_word_embeddings=True, num_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=128, mlp_only_layers=[1],
+)  # fmt: skip
+
+FAMILY = {m.name: m.qwen2_config() for m in REGISTRY}
+
+
+def random_weights(config: Qwen2Config, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        for name, shape in checkpoint_tensors(config).items()
+    }
+
+
+def shard(
+    weights: dict[str, np.ndarray], config: Qwen2Config, ranks: int, rank: int
+) -> dict[str, np.ndarray]:
+    """Rank ``rank``'s part of every tensor (unfused names work for the dense parts tested here)."""
+    slices = rank_slices(config, ranks, rank)
+    return {name: np.ascontiguousarray(w[slices[name]]) for name, w in weights.items() if name in slices}
+
+
+def sub(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+
+
+def reorder_bound(x: np.ndarray, w: np.ndarray, ranks: int) -> np.ndarray:
+    """``2 (n + ranks) eps |x| |w|ᵀ``: what reordering a float32 sum of n products can move it."""
+    n = w.shape[-1]
+    return 2 * (n + ranks) * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+@given(st.integers(1, 500), st.integers(1, 9), st.sampled_from([1, 2, 64]))
+def test_split_sizes_are_whole_units_as_even_as_they_go(units, ranks, unit):
+    if units < ranks:
+        return
+    sizes = split_sizes(units * unit, ranks, unit)
+    assert sum(sizes) == units * unit and len(sizes) == ranks
+    assert all(s % unit == 0 and s > 0 for s in sizes)
+    assert max(sizes) - min(sizes) <= unit and sizes == sorted(sizes, reverse=True)
+
+
+def test_qwen2_72b_mlp_splits_in_groups_of_64():
+    """29,568 = 462 groups of 64: 116/116/115/115 groups over 4 ranks (the docstring's example)."""
+    assert split_sizes(29568, 4, 64) == [116 * 64, 116 * 64, 115 * 64, 115 * 64]
+
+
+def test_split_kinds():
+    layer = "model.layers.3."
+    assert split_kind(layer + "self_attn.q_proj.weight") == "rows"
+    assert split_kind(layer + "self_attn.k_proj.bias") == "rows"
+    assert split_kind(layer + "self_attn.o_proj.weight") == "columns"
+    assert split_kind(layer + "mlp.gate_proj.weight") == "rows"
+    assert split_kind(layer + "mlp.shared_expert.up_proj.weight") == "rows"
+    assert split_kind(layer + "mlp.shared_expert.down_proj.weight") == "columns"
+    assert split_kind(layer + "mlp.experts.gate_up_proj") == "experts"
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", layer + "mlp.gate.weight",
+                 layer + "mlp.shared_expert_gate.weight", layer + "input_layernorm.weight"):  # fmt: skip
+        assert split_kind(name) == "replicated", name
+
+
+# ----------------------------------------------------------------------------- the family
+
+
+def family_layouts():
+    for name, config in FAMILY.items():
+        for ranks in (1, 2, 4, 8):
+            if config.num_key_value_heads % ranks == 0:
+                yield pytest.param(name, ranks, id=f"{name}-{ranks}")
+
+
+@pytest.mark.parametrize("name, ranks", list(family_layouts()))
+def test_shards_partition_every_tensor(name, ranks):
+    """Every published model over every rank count its KV heads allow: each split tensor's
+    pieces are contiguous, disjoint and cover it; replicated tensors are whole; one rank
+    holds the checkpoint itself."""
+    config = FAMILY[name]
+    full = checkpoint_tensors(config, fused_experts=True)
+    slices = [rank_slices(config, ranks, r) for r in range(ranks)]
+    for tensor, shape in full.items():
+        kind = split_kind(tensor)
+        if kind == "replicated" or ranks == 1:
+            assert all(s[tensor] == tuple(slice(None) for _ in shape) for s in slices), tensor
+            continue
+        axis = 1 if kind == "columns" else 0
+        pieces = [s[tensor][axis] for s in slices]
+        assert pieces[0].start == 0 and pieces[-1].stop == shape[axis], tensor
+        assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:], strict=False)), tensor
+    if ranks == 1:
+        assert rank_shapes(config, 1, 0) == full
+    weights, replicated = rank_weight_bytes(config, ranks, 0, "bfloat16", 4)
+    total, _ = rank_weight_bytes(config, 1, 0, "bfloat16", 4)
+    # Everything but the replicated part is divided: rank 0 holds about 1/N of it (its
+    # pieces are the larger ones, by at most one group of 64 per MLP row).
+    assert (total - replicated) / ranks <= weights - replicated <= (total - replicated) / ranks * 1.01 + 1
+
+
+@pytest.mark.parametrize(
+    "name, ranks, fragment",
+    [
+        ("qwen2.5-coder-0.5b-instruct", 4, "its 2 key/value heads cannot be split evenly"),
+        ("qwen2-7b", 8, "its 4 key/value heads cannot be split evenly"),
+        ("qwen2-0.5b", 0, "the number of ranks must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_layouts_are_refused_by_name(name, ranks, fragment):
+    with pytest.raises(ShardingError) as err:
+        check_layout(FAMILY[name], ranks)
+    assert fragment in str(err.value)
+    if ranks:
+        assert FAMILY[name].source in str(err.value)
+
+
+def test_experts_that_do_not_divide_are_refused():
+    config = Qwen2Config.from_dict(
+        {**TP_MOE, "num_experts": 6, "num_key_value_heads": 4}, source="tiny/config.json"
+    )
+    with pytest.raises(ShardingError, match="its 6 routed experts cannot be split evenly"):
+        check_layout(config, 4)
+
+
+def test_mlp_width_without_a_group_per_rank_is_refused():
+    config = Qwen2Config.from_dict({**TP_DENSE, "intermediate_size": 100}, source="tiny/config.json")
+    with pytest.raises(ShardingError, match="intermediate_size = 100 cannot be cut into 2 pieces"):
+        check_layout(config, 2)
+
+
+# ----------------------------------------------------------------------------- the Megatron identity
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("prefix", ["model.layers.0.mlp.", "model.layers.1.mlp."])
+def test_mlp_split_rows_then_columns_sums_to_the_mlp(ranks, prefix):
+    """gate/up split by rows, down by columns: the ranks' outputs add up to the MLP's."""
+    config = Qwen2Config.from_dict(TP_DENSE)
+    weights = random_weights(config)
+    x = np.random.default_rng(1).standard_normal((2, 5, config.hidden_size)).astype(np.float32)
+    full = MLP(sub(weights, prefix))
+    ranks_mlp = [MLP(sub(shard(weights, config, ranks, r), prefix)) for r in range(ranks)]
+    widths = [m.intermediate_size for m in ranks_mlp]  # 384 = 6 groups of 64: 3/3, or 2/2/1/1 over 4
+    assert sum(widths) == config.intermediate_size and all(w % 64 == 0 for w in widths)
+    parts = [m(x) for m in ranks_mlp]
+    # The bound of the down projection's sum needs the hidden units: SiLU(gate) · up.
+    gate_up = x @ full.gate_up_proj.T  # (B, T, 2F)
+    F = full.intermediate_size
+    hidden = gate_up[..., :F] / (1 + np.exp(-gate_up[..., :F])) * gate_up[..., F:]  # (B, T, F)
+    bound = reorder_bound(hidden, full.down_proj, ranks) + reorder_bound(x, full.gate_up_proj, ranks).max()
+    assert np.all(np.abs(sum(parts) - full(x)) <= bound)
+
+
+def test_shared_expert_splits_as_a_dense_mlp():
+    config = Qwen2Config.from_dict(TP_MOE)
+    weights = random_weights(config)
+    prefix = "model.layers.0.mlp.shared_expert."
+    x = np.random.default_rng(2).standard_normal((1, 7, config.hidden_size)).astype(np.float32)
+    full = MLP(sub(weights, prefix))
+    parts = [MLP(sub(shard(weights, config, 2, r), prefix)) for r in range(2)]
+    assert [p.intermediate_size for p in parts] == [64, 64]
+    np.testing.assert_allclose(sum(p(x) for p in parts), full(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_attention_split_by_kv_groups_sums_to_the_attention(ranks):
+    """q/k/v split by rows (each rank its KV heads and their query heads), o_proj by
+    columns: with the package's Attention on each rank's config, the outputs add up."""
+    config = Qwen2Config.from_dict(TP_DENSE)
+    weights = random_weights(config)
+    prefix = "model.layers.1.self_attn."
+    T = 9
+    x = np.random.default_rng(3).standard_normal((2, T, config.hidden_size)).astype(np.float32)
+    cos, sin = RotaryEmbedding(config)(np.arange(T))
+    full = Attention(config, 1, sub(weights, prefix))(x, cos, sin)
+    parts = []
+    for r in range(ranks):
+        mine = rank_config(config, ranks, r)
+        assert mine.num_key_value_heads == config.num_key_value_heads // ranks
+        parts.append(Attention(mine, 1, sub(shard(weights, config, ranks, r), prefix))(x, cos, sin))
+    # |heads| <= max|v| per head (a softmax average): bound the o_proj sum with |v|'s largest.
+    v = x @ weights[prefix + "v_proj.weight"].T + weights[prefix + "v_proj.bias"]
+    heads = np.full((2, T, config.num_attention_heads * config.head_dim), np.abs(v).max(), dtype=np.float32)
+    bound = (
+        reorder_bound(heads, weights[prefix + "o_proj.weight"], ranks)
+        + 4 * reorder_bound(x, weights[prefix + "q_proj.weight"], ranks).max()
+    )
+    assert np.all(np.abs(sum(parts) - full) <= bound)
+    if ranks > 1:  # and the ranks really computed different parts
+        assert not np.allclose(parts[0], full, atol=1e-3)
