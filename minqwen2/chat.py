@@ -79,6 +79,50 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def rewind_to_common_prefix(cache: Any, cache_ids: list[int], ids: Sequence[int]) -> int:
+    """Keep only the part of ``cache`` that is a prefix of ``ids``; return its length.
+
+    ``cache`` holds the keys and values of ``cache_ids`` (a list, cut here in place)."""
+    keep = common_prefix_length(cache_ids, ids)
+    cache.rewind(keep)
+    del cache_ids[keep:]
+    return keep
+
+
+def decode_on_cache(
+    model: Any, cache: Any, cache_ids: list[int], prompt_ids: Sequence[int], **loop_args: Any
+) -> tuple[int, Iterator[GenerationResponse]]:
+    """Reply to ``prompt_ids`` on a long-lived cache, reusing the longest prefix it holds.
+
+    The cache is rewound to what it shares with the prompt (but the last prompt token is
+    always read again: its logits are where the reply starts, and the cache keeps keys, not
+    logits), then generate.py's :func:`~minqwen2.generate.decode_loop` runs on the rest, with
+    ``loop_args`` (``sampler``, ``tokenizer``, ``eos_token_ids``, ``max_tokens``, ...).
+
+    Returns ``(reused tokens, the stream of responses)``. However the stream ends (finished,
+    closed, or interrupted inside a forward pass), ``cache_ids`` is updated in place to name
+    exactly what the cache holds. The chat session calls this for each turn; the server
+    (``minqwen2/server/``) for each request, whichever client sent it.
+    """
+    keep = rewind_to_common_prefix(cache, cache_ids, prompt_ids[:-1])
+    steps = decode_loop(model, cache, prompt_ids, start=keep, **loop_args)
+    return keep, _tracking_cache_ids(steps, cache, cache_ids, prompt_ids)
+
+
+def _tracking_cache_ids(
+    steps: Iterator[GenerationResponse], cache: Any, cache_ids: list[int], prompt_ids: Sequence[int]
+) -> Iterator[GenerationResponse]:
+    """Pass ``steps`` through; at the end, ``cache_ids`` = the prefix of prompt + reply the cache holds."""
+    fed = list(prompt_ids)  # the ids the cache is given: the prompt, then the reply's tokens
+    try:
+        for r in steps:
+            fed.append(r.token)
+            yield r
+    finally:
+        steps.close()  # decode_loop's own `finally` rewinds the cache, if it has not run yet
+        cache_ids[:] = fed[: cache.offset]
+
+
 @dataclass
 class TurnStats:
     """What one reply cost, for ``/stats``.
@@ -267,9 +311,7 @@ class ChatSession:
 
     def _rewind_to(self, ids: Sequence[int]) -> None:
         """Keep only the part of the cache that is a prefix of ``ids``."""
-        keep = common_prefix_length(self.cache_ids, ids)
-        self.cache.rewind(keep)
-        del self.cache_ids[keep:]
+        rewind_to_common_prefix(self.cache, self.cache_ids, ids)
 
     def _fit_context(self) -> list[int]:
         """The prompt for the reply to the last (user) message, after dropping the oldest
@@ -342,29 +384,23 @@ class ChatSession:
         return self._stream(prompt_ids, message)
 
     def _stream(self, prompt_ids: list[int], message: dict[str, str]) -> Iterator[GenerationResponse]:
-        """Rewind the cache to what it shares with ``prompt_ids``, then run generate.py's
-        :func:`~minqwen2.generate.decode_loop` on it, writing the reply into ``message``.
+        """Generate on the session's cache (:func:`decode_on_cache`: the longest prefix it
+        shares with ``prompt_ids`` is reused), writing the reply into ``message``.
 
         The ``finally`` block runs however the reply ends — finished, closed by the caller,
-        or interrupted by Ctrl-C inside a forward pass. The loop has then left the cache
-        holding a prefix of ``fed``, every layer in step; ``cache_ids`` becomes that prefix.
+        or interrupted by Ctrl-C inside a forward pass; ``decode_on_cache`` has then left
+        ``cache_ids`` naming exactly what the cache holds, every layer in step.
         """
-        # At least the last prompt token is read again, even when the cache holds it: its
-        # logits are where the reply starts, and the cache keeps keys, not logits.
-        self._rewind_to(prompt_ids[:-1])
-        keep = len(self.cache_ids)
-        stats = self.last = TurnStats(prompt_tokens=len(prompt_ids), reused_tokens=keep)
-        fed = list(prompt_ids)  # the ids the cache is given: the prompt, then the reply's tokens
-        steps = decode_loop(
-            self.model, self.cache, prompt_ids, start=keep, sampler=self.sampler, tokenizer=self.tokenizer,
+        keep, steps = decode_on_cache(
+            self.model, self.cache, self.cache_ids, prompt_ids, sampler=self.sampler, tokenizer=self.tokenizer,
             eos_token_ids=self.tokenizer.eos_token_ids, max_tokens=self.max_tokens, stop=self.stop,
             prefill_chunk_size=self.prefill_chunk_size,
         )  # fmt: skip
+        stats = self.last = TurnStats(prompt_tokens=len(prompt_ids), reused_tokens=keep)
         try:
             for r in steps:
                 message["content"] += r.text  # the text yielded so far: the reply, should it end here
                 stats.update(r)
-                fed.append(r.token)
                 yield r
             if stats.finish_reason == "context":
                 self.notice(
@@ -372,10 +408,9 @@ class ChatSession:
                     "drop the oldest turns"
                 )
         finally:
-            steps.close()  # decode_loop's own `finally` rewinds the cache, if it has not run yet
+            steps.close()  # updates cache_ids (decode_on_cache), if it has not run yet
             if stats.finish_reason is None:
                 stats.finish_reason = "interrupted"
-            self.cache_ids = fed[: self.cache.offset]
 
     def _prefill_conversation(self) -> int:
         """Read the whole conversation into the cache now (after ``/load``); return how many

@@ -37,7 +37,7 @@ Shapes: ``T`` prompt tokens, ``V`` vocabulary size.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,7 @@ def decode_loop(
     stop: Sequence[str] = (),
     start: int = 0,
     prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
+    on_logits: Callable[[np.ndarray], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """The generation loop, on a cache that already holds the keys of ``prompt_ids[:start]``.
 
@@ -283,6 +284,10 @@ def decode_loop(
     the middle of a forward pass), the cache holds a prefix of the prompt and the generated
     tokens but the last one (never fed: it would only predict the token after the end),
     with every layer in step: ``cache.offset`` says how long that prefix is.
+
+    ``on_logits``, when given, is called with each step's raw logits ``(V,)`` just before the
+    sampler picks the token that the next response carries (the server reports log-probabilities
+    from them). It needs the logits on the host, so it turns off the device greedy hook.
     """
     context = int(model.config.max_position_embeddings)
     eos = {int(i) for i in eos_token_ids}
@@ -294,6 +299,8 @@ def decode_loop(
         tic = time.perf_counter()
         logits = prefill(model, cache, prompt_ids[start:], prefill_chunk_size)  # (V,)
         prompt_tps = (len(prompt_ids) - start) / max(time.perf_counter() - tic, 1e-9)
+        if on_logits is not None:
+            on_logits(logits)
         token = sampler(logits, prompt_ids, generated)  # the first token comes from the prefill
         decode_seconds = 0.0  # time spent in decode steps, not in the caller between tokens
 
@@ -302,7 +309,7 @@ def decode_loop(
         # step computes) does so when the sampling is a plain argmax, where it gives the same
         # tokens as decode_step + the sampler. It saves the graph building and the logits'
         # trip to NumPy on every step. Every other case takes the plain path below.
-        if hasattr(model, "greedy_tokens") and _plain_argmax(sampler.params):
+        if hasattr(model, "greedy_tokens") and _plain_argmax(sampler.params) and on_logits is None:
             still_wanted = min(max_tokens, context - len(prompt_ids)) - 1  # tokens after this one
             device_greedy = model.greedy_tokens(token, cache, still_wanted)
         while True:
@@ -339,6 +346,8 @@ def decode_loop(
                 token = next(device_greedy)
             else:
                 logits = decode_step(model, cache, token)  # (V,)
+                if on_logits is not None:
+                    on_logits(logits)
                 token = sampler(logits, prompt_ids, generated)
             decode_seconds += time.perf_counter() - tic
     finally:

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minqwen2.tools.evaluate import add_eval_command  # eval niah
 
     add_eval_command(sub)
+    from minqwen2.tools.serve import add_serve_command  # serve
+
+    add_serve_command(sub)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""The engine: one model, one KV cache, many clients taking turns.
+
+A server has many clients and the model can run one generation at a time (batching
+requests together is a different program). So the engine is a queue in front of a loop::
+
+    request ──► reserve a place in the queue (full: 429 Too Many Requests, Retry-After)
+            ──► wait for the model (asyncio.Lock: first come, first served)
+            ──► reuse the longest token prefix the cache holds, prefill the rest
+            ──► one decode step at a time on the model thread, each step's text to the client
+            ──► the client left? stop after this step; free the model for the next request
+
+**Two kinds of threads.** The web server's event loop (asyncio) juggles every connection;
+it must never block on the model, or no other client would be answered — not even with a
+429. Model work runs on *one* dedicated thread (a one-worker executor): a prefill, one
+decode step, closing a generation. The loop awaits each step, so between two steps it
+answers other requests, and a client that disconnected is noticed after the step that was
+running when it left. One thread also keeps MLX happy, whose streams belong to a thread.
+
+**One cache for everyone.** The KV cache and the ids it holds live on across requests:
+:func:`~minqwen2.chat.decode_on_cache` (the chat session's own mechanism) rewinds it to
+the longest prefix it shares with the new prompt and prefills only the rest. A client that
+resends a growing conversation prefills only the new turn; any other prompt shares little
+and simply rewinds further. However a generation ends (finished, cancelled, failed), the
+cache is left holding a prefix of what was fed, every layer in step, and ``cache_ids`` says
+which: nothing a request does can corrupt the cache for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+
+from minqwen2.chat import decode_on_cache
+from minqwen2.generate import GenerationResponse
+from minqwen2.memory import MemoryPlanError, check_memory_plan, plan_for_model
+from minqwen2.sampling import Sampler
+from minqwen2.server.protocol import APIError, Job, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token as the engine hands it to the web side."""
+
+    response: GenerationResponse  # token, text, finish_reason, counts and speeds
+    cached_tokens: int  # prompt tokens whose keys were already in the cache
+    logprob: TokenLogprob | None  # when the request asked for log-probabilities
+
+
+class Engine:
+    """The model, its tokenizer, the shared KV cache and the queue in front of them.
+
+    ``max_queue``: how many requests may wait while one generates; one more gets a 429.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_queue: int = 16) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue = {max_queue} is out of range; expected an integer >= 0")
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self.cache = model.make_cache()  # grows as needed; shared by every request, one at a time
+        self.cache_ids: list[int] = []  # the ids whose keys and values the cache holds
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minqwen2-model")
+        self.lock = asyncio.Lock()  # held by the request that is generating
+        self.waiting = 0  # requests in the queue (not counting the one generating)
+        self.seconds_per_request = 1.0  # a running average, for Retry-After
+
+    # -- the queue -------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    def reserve(self) -> Turn:
+        """A place in the queue, or a 429 when ``max_queue`` requests already wait.
+
+        Called before any response is started, so that the refusal is a plain HTTP status.
+        No ``await`` between the check and the count: on the event loop that makes it atomic.
+        """
+        if self.waiting >= self.max_queue and (self.busy or self.waiting > 0):
+            wait = math.ceil(self.seconds_per_request * (self.waiting + 1))
+            raise APIError(
+                429,
+                f"the server is busy: one request is generating and {self.waiting} are waiting "
+                f"(--max-queue {self.max_queue}); retry in about {wait} s",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+        return Turn(self)
+
+    async def in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the model thread and wait for it without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+
+    # -- a generation ----------------------------------------------------------------------
+
+    async def run(
+        self, job: Job, turn: Turn, disconnected: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[Step]:
+        """Yield one :class:`Step` per generated token, once ``turn`` holds the model.
+
+        The caller has awaited ``turn.wait()`` first (so it can tell the client the queue is
+        behind it), and calls ``turn.end()`` however the request ends. ``disconnected`` is
+        asked after each step: a client that left stops the generation there. This
+        generator's ``finally`` closes the generation on the model thread, so the cache is
+        consistent before ``turn.end()`` lets the next request start.
+        """
+        assert turn.state == "running", "await turn.wait() before Engine.run"
+        if await disconnected():  # left while waiting in the queue: do not even start
+            return
+        generation = await self.in_model_thread(Generation, self, job)
+        try:
+            while True:
+                step = await self.in_model_thread(generation.step)
+                if step is None:
+                    return
+                yield step
+                if step.response.finish_reason is not None or await disconnected():
+                    return
+        finally:
+            # Shielded: this runs also when the request's task is being cancelled (the client
+            # of a stream disconnected), and the close must finish before the model is freed.
+            with anyio.CancelScope(shield=True):
+                await self.in_model_thread(generation.close)
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=True, cancel_futures=True)
+
+
+class Turn:
+    """One request's place in the queue, then its hold on the model. ``end()`` frees either."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.state = engine, "waiting"
+        self.started = time.perf_counter()
+        engine.waiting += 1
+
+    async def wait(self) -> None:
+        """Wait until the model is free (cancellation leaves the turn waiting, for ``end``)."""
+        await self.engine.lock.acquire()
+        self.engine.waiting -= 1
+        self.state, self.started = "running", time.perf_counter()
+
+    def end(self) -> None:
+        """Leave the queue, or free the model; safe to call more than once."""
+        engine = self.engine
+        if self.state == "waiting":
+            engine.waiting -= 1
+        elif self.state == "running":
+            seconds = time.perf_counter() - self.started
+            engine.seconds_per_request = 0.8 * engine.seconds_per_request + 0.2 * seconds
+            engine.lock.release()
+        self.state = "ended"
+
+
+class Generation:
+    """One request's generation, on the model thread: the decode loop on the shared cache.
+
+    Created, stepped and closed only on the model thread (see :meth:`Engine.run`).
+    """
+
+    def __init__(self, engine: Engine, job: Job) -> None:
+        model, self.tokenizer, self.job = engine.model, engine.tokenizer, job
+        total = min(len(job.prompt_ids) + job.max_tokens, int(model.config.max_position_embeddings))
+        try:  # the memory plan for this request, before any work (minqwen2/memory.py)
+            check_memory_plan(
+                plan_for_model(model, total, prompt_tokens=len(job.prompt_ids), cache=engine.cache)
+            )
+        except MemoryPlanError as err:
+            raise APIError(400, str(err), param="max_tokens", code="insufficient_memory") from None
+        self.logits: np.ndarray | None = None  # the last step's raw logits (V,), for logprobs
+        self.cached_tokens, self.steps = decode_on_cache(
+            model, engine.cache, engine.cache_ids, job.prompt_ids, sampler=Sampler(job.sampling, job.seed),
+            tokenizer=self.tokenizer, eos_token_ids=self.tokenizer.eos_token_ids, max_tokens=job.max_tokens,
+            stop=job.stop, on_logits=self._keep_logits if job.logprobs is not None else None,
+        )  # fmt: skip
+
+    def _keep_logits(self, logits: np.ndarray) -> None:
+        self.logits = logits
+
+    def step(self) -> Step | None:
+        """Generate one token (the first call also prefills); ``None`` when the loop has ended."""
+        r = next(self.steps, None)
+        if r is None:
+            return None
+        logprob = None
+        if self.logits is not None and r.token not in self.tokenizer.eos_token_ids:
+            logprob = token_logprobs(self.logits, r.token, self.job.logprobs)
+        return Step(r, self.cached_tokens, logprob)
+
+    def close(self) -> None:
+        self.steps.close()  # decode_loop rewinds the cache; decode_on_cache updates cache_ids
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability and the ``top`` most likely tokens', from raw logits ``(V,)``.
+
+    These are the model's own probabilities, ``log softmax(logits)``, before temperature,
+    penalties or filters (vLLM's default too): what the model thinks, not how it was sampled.
+    Computed in float64 as ``logits - logsumexp(logits)``, subtracting the max first so that
+    ``exp`` cannot overflow.
+    """
+    x = logits.astype(np.float64)  # (V,)
+    m = x.max()
+    logp = x - (m + np.log(np.exp(x - m).sum()))  # (V,)
+    k = min(top, logp.size)
+    best = np.argpartition(-logp, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)  # (k,) in O(V)
+    best = best[np.argsort(-logp[best], kind="stable")]  # (k,) most likely first
+    return int(token), float(logp[token]), [(int(i), float(logp[i])) for i in best]
