@@ -27,9 +27,11 @@ from minqwen2.mlp import MLP
 from minqwen2.registry import REGISTRY
 from minqwen2.rope import RotaryEmbedding
 from minqwen2.sharding import (
+    WORKING_SET_FRACTION,
     ShardingError,
     check_layout,
     rank_config,
+    rank_plan,
     rank_shapes,
     rank_slices,
     rank_weight_bytes,
@@ -240,3 +242,61 @@ def test_attention_split_by_kv_groups_sums_to_the_attention(ranks):
     assert np.all(np.abs(sum(parts) - full) <= bound)
     if ranks > 1:  # and the ranks really computed different parts
         assert not np.allclose(parts[0], full, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize(
+    "name, ranks", [("qwen2-72b-instruct", 2), ("qwen2-57b-a14b-instruct", 4), ("qwen2-7b", 1)]
+)
+def test_rank_plan_kv_cache_is_the_ranks_heads(name, ranks):
+    """The KV cache of a rank: 2 · L · (K/N) · D · bytes · tokens, counted here by hand
+    (72B, 2 ranks, 32K tokens in bfloat16: 2 · 80 · 4 · 128 · 2 · 32768 = 5 GiB)."""
+    config = FAMILY[name]
+    plan = rank_plan(config, ranks, context=32768, dtype="bfloat16", bits=4)
+    L, K, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    assert plan.kv_cache == 2 * L * (K // ranks) * D * 2 * 32768
+    assert plan.total == plan.weights + plan.kv_cache + plan.activations + plan.runtime
+    assert plan.fits(int(plan.total / WORKING_SET_FRACTION) + 1) and not plan.fits(
+        int(plan.total / WORKING_SET_FRACTION) - 1
+    )
+
+
+def run_plan(capsys, *args: str) -> tuple[int, str]:
+    from minqwen2.tools.cli import main
+
+    code = main(["plan", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_plan_command_shows_each_layout(capsys):
+    code, out = run_plan(capsys, "qwen2-72b-instruct", "--bits", "4", "--ranks", "1,2,8", "--ram", "24,64")
+    assert code == 0, out
+    plan = rank_plan(FAMILY["qwen2-72b-instruct"], 2, dtype="bfloat16", bits=4)
+    row = next(line for line in out.splitlines() if line.strip("│ ").startswith("2 "))
+    assert f"{plan.total / 2**30:.1f} GiB" in row and "no" in row and "yes" in row  # 27.5 GiB: not 24, but 64
+    code, out = run_plan(capsys, "qwen2.5-coder-0.5b-instruct", "--ranks", "4")
+    cells = " ".join(out.replace("│", " ").split())  # the reason wraps inside its cell
+    assert code == 0 and "cannot split: its 2 key/value heads cannot be split evenly" in cells, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["qwen2-7b-instruct", "--context", "100000"], "--context 100000 is beyond the model's 32,768 tokens"),
+        (["qwen2-7b", "--ranks", "two"], "--ranks 'two': expected comma-separated integers >= 1"),
+        (["qwen2-7b", "--ram", "0"], "--ram '0': expected comma-separated integers >= 1"),
+    ],
+)
+def test_plan_command_refuses_bad_flags_in_one_line(capsys, args, message):
+    code, out = run_plan(capsys, *args)
+    assert code == 1 and message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_plan_command_plans_an_extended_context(capsys):
+    code, out = run_plan(
+        capsys, "qwen2-7b-instruct", "--long-context", "yarn", "--context", "131072", "--ranks", "2"
+    )
+    assert code == 0 and "131,072 tokens of context" in out

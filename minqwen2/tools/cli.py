@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minqwen2.tools.serve import add_serve_command  # serve
 
     add_serve_command(sub)
+    from minqwen2.tools.plan import add_plan_command  # plan
+
+    add_plan_command(sub)
     return parser
 
 

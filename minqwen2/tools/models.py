@@ -253,29 +253,34 @@ def describe(config: Qwen2Config) -> list[tuple[str, str]]:
     return lines
 
 
+def find_config(
+    model: str, long_context: str | None = None, context: int | None = None
+) -> tuple[Qwen2Config, str, list[tuple[str, str]]]:
+    """``(config, title, where)`` of a registry name's published config (no weights needed)
+    or a model directory's config.json, extended as ``minqwen2.load`` would; ``where``
+    says where the config came from, as rows for a table."""
+    entry = find_model(model) if not Path(model).expanduser().is_dir() else None
+    if entry is None:
+        directory = resolve_model(model)
+        config = Qwen2Config.from_file(directory, long_context, context)
+        return config, str(directory), [("config", str(directory / "config.json"))]
+    source = f"registry entry {entry.repo_id}"
+    config = Qwen2Config.from_dict(entry.config, source, long_context=long_context, context=context)
+    installed = str(entry.directory) if entry.installed else f"no — install with: {entry.install_command}"
+    where = [
+        ("config", f"{entry.confidence}: {CONFIDENCE[entry.confidence]}"),
+        ("source", entry.source),
+        ("installed", installed),
+    ]
+    return config, f"{entry.repo_id}  ({entry.name})", where
+
+
 def print_info(model: str, long_context: str | None = None, context: int | None = None) -> None:
     """``minqwen2 info MODEL``: a registry name's published config, or a directory's config.json
     (with ``long_context``/``context``: as ``minqwen2.load`` would extend it)."""
     from rich.table import Table
 
-    entry = find_model(model) if not Path(model).expanduser().is_dir() else None
-    if entry is not None:
-        source = f"registry entry {entry.repo_id}"
-        config = Qwen2Config.from_dict(entry.config, source, long_context=long_context, context=context)
-        title = f"{entry.repo_id}  ({entry.name})"
-        where = [
-            ("config", f"{entry.confidence}: {CONFIDENCE[entry.confidence]}"),
-            ("source", entry.source),
-            (
-                "installed",
-                str(entry.directory) if entry.installed else f"no — install with: {entry.install_command}",
-            ),
-        ]
-    else:
-        directory = resolve_model(model)
-        config = Qwen2Config.from_file(directory, long_context, context)
-        title = str(directory)
-        where = [("config", str(directory / "config.json"))]
+    config, title, where = find_config(model, long_context, context)
 
     table = Table(title=title, show_header=False)
     table.add_column("field", style="bold")
