@@ -257,6 +257,57 @@ def test_bf16_widening_is_exact():
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))  # NaNs included, bit for bit
 
 
+def test_read_header_and_tensor_match_the_safetensors_library(tmp_path):
+    """``read_header`` + ``read_tensor`` against the ``safetensors`` library itself, on a file
+    the library wrote (every dtype minqwen2 reads, a scalar, an empty tensor, ``__metadata__``)
+    and on one written by hand whose header lists the tensors in another order than their
+    data (the format allows it: only ``data_offsets`` say where a tensor is)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.bf16": torch.randn(5, 7, generator=g).bfloat16(),
+        "w.f16": torch.randn(3, 2, 4, generator=g).half(),
+        "w.f32": torch.randn(6, generator=g),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+    stored = {"w.bf16": "BF16", "w.f16": "F16", "w.f32": "F32", "scalar": "F32", "empty": "F32"}
+    raw = {name: t.reshape(-1).view(torch.uint8).numpy().tobytes() for name, t in tensors.items()}
+    library = tmp_path / "library.safetensors"
+    save_file(tensors, library, metadata={"format": "pt"})
+
+    by_hand = tmp_path / "reversed.safetensors"
+    header, offset = {}, 0
+    for name in reversed(tensors):  # the data in reverse order of the header's keys
+        header[name] = {"dtype": stored[name], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(raw[name])]}  # fmt: skip
+        offset += len(raw[name])
+    header = {name: header[name] for name in tensors}
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    data = b"".join(raw[name] for name in reversed(tensors))
+    by_hand.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+
+    for path in (library, by_hand):
+        infos = W.read_header(path)
+        content = path.read_bytes()
+        with safe_open(path, framework="pt") as f:
+            assert set(infos) == set(f.keys()) == set(tensors), path.name
+            for name in f.keys():
+                info = infos[name]
+                assert info.dtype == f.get_slice(name).get_dtype() == stored[name], (path.name, name)
+                assert list(info.shape) == f.get_slice(name).get_shape() and isinstance(info.shape, tuple)
+                assert content[info.begin : info.end] == raw[name], f"{path.name}: {name}: absolute offsets"
+                expected = f.get_tensor(name).float().numpy()
+                mapped = np.memmap(path, dtype=np.uint8, mode="r")
+                for got in (W.read_tensor(info), W.read_tensor(info, mapped), W.read_tensor(info, copy=True)):
+                    assert got.dtype == np.float32 and got.shape == expected.shape, (path.name, name)
+                    np.testing.assert_array_equal(got, expected, err_msg=f"{path.name}: {name}")
+
+
 # ----------------------------------------------------------------- bad input
 
 
