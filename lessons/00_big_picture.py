@@ -115,7 +115,8 @@ save_figure(fig, "00_decoder")
 # * **Context.** `max_position_embeddings` is 131,072 in the base configs and 32,768 in the
 #   instruct ones. It is only an input to RoPE-scaling formulas (lesson 10): nothing is
 #   truncated at that length. The report trains at 4K then 32K tokens and reaches 128K with
-#   YaRN and Dual Chunk Attention.
+#   YaRN and Dual Chunk Attention — for the 7B and 72B; the 0.5B and 1.5B are 32K models and
+#   the 57B-A14B a 64K one (lesson 10 tabulates them, with their KV-cache cost).
 # * **The vocabulary** has 151,646 real tokens (151,643 BPE tokens and 3 control tokens); the
 #   embedding tables have 151,936 or 152,064 rows, both multiples of 128: padding that the
 #   report attributes to distributed training.

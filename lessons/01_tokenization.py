@@ -27,16 +27,30 @@
 # and code.
 
 # %%
+import json
 import unicodedata
 
 import matplotlib.pyplot as plt
 import numpy as np
 from course import print_table, save_figure
+from tokenizers import Regex, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-from minqwen2.bpe import BYTE_ENCODER, BPETokenizer, bpe_merge, pretokenize, token_to_bytes
+from minqwen2.bpe import (
+    BYTE_ENCODER,
+    PRETOKENIZE_REGEX,
+    BPETokenizer,
+    bpe_merge,
+    count_pairs,
+    count_words,
+    merge_pair,
+    pretokenize,
+    token_to_bytes,
+    train_bpe,
+)
 from minqwen2.paths import default_model_dir
 from minqwen2.tokenizer import Tokenizer
+from minqwen2.tools.niah import haystack_text
 
 MODEL_DIR = default_model_dir()  # weights/qwen2.5-coder-0.5b-instruct (`make weights` installs it)
 bpe = BPETokenizer.from_file(MODEL_DIR / "tokenizer.json")  # the pure-Python tokenizer of minqwen2/bpe.py
@@ -189,6 +203,85 @@ for indent, keyword in ((b"   ", b" if"), (b"       ", b" return")):  # 4 and 8 
 assert b"    " not in python and b"        " not in python  # no token holds the whole indentation
 
 # %% [markdown]
+# ## Where the merges come from: training
+#
+# Qwen2's 151,387 merges are the output of training, and training is short to write
+# (`train_bpe` in `minqwen2/bpe.py`, after karpathy's minbpe). Put the text through steps
+# 2-4 (NFC, the regex, the byte alphabet) and count the pieces; start the vocabulary with
+# the 256 byte characters; then, until the vocabulary is full:
+#
+# 1. count every adjacent pair over all pieces, each weighted by how often it occurs
+#    (overlapping pairs count: `aaa` holds `(a, a)` twice);
+# 2. take the most frequent pair; among equally frequent pairs, the one of the *earliest*
+#    tokens (lowest id on the left, then on the right);
+# 3. record the merge, give the joined string the next id, and join the pair, left to right,
+#    in every piece (`aaa` → `aa a`).
+#
+# Rule 2 matters more than it looks: past the first hundred merges most steps choose among
+# tied pairs (the cell counts them). It is the rule of `tokenizers`' `BpeTrainer`, which
+# orders pairs by count and then by their ids. minbpe takes the pair seen first in the text
+# instead: the same first few dozen merges here, then another order and a slightly different
+# set. With the same rule, the same pipeline and the 256 byte characters as the initial
+# alphabet, the two trainers learn the same merges in the same order (`tests/test_bpe.py`
+# checks it on the 29-language corpus and on generated text). Below, 300 merges on the first
+# 20,000 characters of *Pride and Prejudice* (`minqwen2/data/austen.txt.gz`):
+
+# %%
+austen = haystack_text()[:20_000]
+vocab, merges = train_bpe(austen, vocab_size=256 + 300)
+print("first merges:", merges[:10])
+
+trained = RustTokenizer(models.BPE())  # the same pipeline, trained by tokenizers
+trained.normalizer = normalizers.NFC()
+trained.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+)
+trainer = trainers.BpeTrainer(
+    vocab_size=256 + 300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+)
+trained.train_from_iterator([austen], trainer)
+reference = json.loads(trained.to_str())["model"]
+assert merges == [tuple(pair) for pair in reference["merges"]]  # the same merges, in the same order
+assert vocab == reference["vocab"]  # and the same ids
+assert all(bpe.vocab[token] == i for token, i in vocab.items() if i < 256)  # ids 0-255: Qwen2's order
+print("train_bpe == tokenizers' BpeTrainer: 300 merges, same order, same ids")
+
+# Replay the training to see the counts, and how often the tie rule decided.
+words = count_words(austen)  # {("Ġ", "t", "h", "e"): count, ...}: steps 2-4, then counted
+ties = 0
+for step, pair in enumerate(merges):
+    counts = count_pairs(words)
+    tied = sum(c == counts[pair] for c in counts.values())  # pairs as frequent as the chosen one
+    ties += tied > 1
+    if step in (0, 99, 299):
+        print(f"merge {step + 1:3}: {pair} seen {counts[pair]:,} times, {tied} pair(s) with that count")
+    words = {merge_pair(word, pair): n for word, n in words.items()}
+print(f"{ties} of {len(merges)} steps chose among tied pairs")
+assert ties > len(merges) // 2
+
+# %% [markdown]
+# A tokenizer trained on the text it compresses beats the same number of merges learned on
+# everything: on the next 10,000 characters of the novel, our 300 merges give more bytes per
+# token than Qwen2's *first* 300 (trained on 30 languages and code). Most of them are
+# Qwen2's merges too, learned in another order.
+
+# %%
+ours = BPETokenizer(vocab, merges, added_tokens={})  # bpe.py's encoder runs on any merges list
+held_out = haystack_text()[20_000:30_000]
+n_bytes = len(held_out.encode("utf-8"))
+ratio_ours = n_bytes / len(ours.encode(held_out))
+ratio_first = n_bytes / count_tokens(held_out, {p: r for p, r in bpe.ranks.items() if r < 300})
+ratio_qwen = n_bytes / len(bpe.encode(held_out))
+print(f"bytes/token on held-out Austen: ours {ratio_ours:.2f}, Qwen2's first 300 merges {ratio_first:.2f}, "
+      f"all of Qwen2's {ratio_qwen:.2f}")  # fmt: skip
+print(f"{sum(pair in bpe.ranks for pair in merges)} of our 300 merges are among Qwen2's")
+assert ratio_first < ratio_ours < ratio_qwen
+assert ours.decode(ours.encode(held_out)) == unicodedata.normalize("NFC", held_out)
+
+# %% [markdown]
 # ## The chat template
 #
 # An instruct model was trained on conversations in a fixed format (ChatML): each turn is
@@ -213,6 +306,37 @@ print(
 )
 
 # %% [markdown]
+# For plain text turns the template is a few lines of Python: each message as
+# `<|im_start|>{role}\n{content}<|im_end|>\n`, then the generation prompt. The only logic
+# left is the default system prompt, written when the first message is not a system one.
+# (The template's other branches, for tools, tool calls and tool responses, are not plain
+# ChatML; `chat_template.jinja` in the model directory shows them.)
+
+# %%
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """ChatML by hand, as Qwen2.5's template renders a conversation without tools."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+conversation = [
+    {"role": "system", "content": "You are a terse C tutor."},
+    {"role": "user", "content": "Write hello world in C."},
+    {"role": "assistant", "content": '#include <stdio.h>\nint main(void) { puts("hello, world"); }'},
+    {"role": "user", "content": "And without the include?"},
+]
+by_hand = render_chatml(conversation, add_generation_prompt=True)
+print(by_hand)
+assert by_hand == tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+assert render_chatml(messages, add_generation_prompt=True) == rendered  # the default system prompt
+assert render_chatml(conversation, False) == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+# %% [markdown]
 # Because `encode` turns the *text* `<|im_end|>` into the end-of-turn *token*, a user who
 # types it can close their own turn and write the assistant's: encode untrusted text with
 # `allow_special=False`, which spells it out as ordinary characters.
@@ -232,6 +356,9 @@ assert np.array_equal(bpe.encode(typed, allow_special=False), tokenizer.encode(t
 # *Hint:* at each step, list `(rank, position)` for every adjacent pair that has a rank;
 # stop when the list is empty; otherwise `min()` of it is the pair to merge (lowest rank,
 # then leftmost). Replace the two symbols by their concatenation and repeat.
+#
+# *Stretch:* write your own `train_bpe` from the three rules above (minbpe's step 1) and
+# compare its merges with the package's on the Austen slice: equal lists, not just similar.
 #
 # **Check** (the same tests that check `minqwen2/bpe.py`: your loop, inside `BPETokenizer`,
 # must give the ids of `tokenizers` and HF on 29 languages, code and edge cases):

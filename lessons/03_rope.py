@@ -98,6 +98,30 @@ cos64 = np.cos(probe[:, None].astype(np.float64) * inv_freq.astype(np.float64)) 
 print("float64 angles instead: max |Δcos| vs HF =", np.abs(cos64 - hf_cos[0, :, : D // 2]).max())
 
 # %% [markdown]
+# ## Why θ = 1,000,000
+#
+# Qwen2 was pre-trained on 4,096-token sequences with the usual θ = 10,000, then on 32,768
+# tokens at the end of pre-training, and the report raised θ to 1,000,000 for that stage.
+# The right panel above shows why: a pair whose wavelength exceeds the context never turns
+# a full circle in it, so its angle grows monotonically with distance and tells near from
+# far; the faster pairs wrap around. At θ = 1e4 and 4K tokens, 9 of the 32 pairs (D = 64)
+# are that slow. Keep θ = 1e4 at 32K and only 2 are left; θ = 1e6 gives 12 — at least as
+# many as the model had at 4K. (Lesson 10 goes further: YaRN slows only the slow pairs.)
+
+# %%
+
+
+def slow_pairs(theta: float, context: int, head_dim: int = D) -> int:
+    """How many pairs turn less than one full circle over ``context`` positions."""
+    return int(np.sum(2 * np.pi / default_inv_freq(theta, head_dim) > context))
+
+
+for t, c in ((1e4, 4_096), (1e4, 32_768), (1e6, 32_768)):
+    n = slow_pairs(t, c)
+    print(f"θ = {t:>9,.0f}, context {c:>6,}: {n:2} of {D // 2} pairs turn less than once")
+assert slow_pairs(1e4, 32_768) == 2 < slow_pairs(1e4, 4_096) == 9 <= slow_pairs(1e6, 32_768) == 12
+
+# %% [markdown]
 # ## Rotate-half vs interleaved pairs
 #
 # Both layouts rotate pairs of dimensions by the same angles; they only disagree on *which*
@@ -137,6 +161,14 @@ print("interleaved on permuted dimensions: max |Δ| =", np.abs(same - q_rot[...,
 # %% [markdown]
 # ## The relative-position property, numerically
 #
+# Write `R_p` for the rotation RoPE applies at position p (a D × D matrix: D/2 planes, pair
+# j turned by `p · inv_freq[j]`). Rotations in the same planes add their angles, and the
+# transpose of a rotation turns back, so `R_mᵀ R_n = R_{n−m}` and
+#
+# ```
+# ⟨R_m q, R_n k⟩ = qᵀ R_mᵀ R_n k = ⟨q, R_{n−m} k⟩
+# ```
+#
 # Put the same query at position m and the same key at position n: the score depends only
 # on n − m. The heatmap is constant along every diagonal. In float32 it holds to rounding
 # error, which grows with the position because the angle `p · inv_freq` is rounded to
@@ -171,6 +203,22 @@ for start in (0, 1_000, 100_000):
     print(
         f"|score(m + {start:,}, n + {start:,}) - score(m, n)| <= {drift:.1e}   (|score| ~ {np.abs(grid).max():.0f})"
     )
+
+
+def rotation(p: int) -> np.ndarray:
+    """R_p as a (D, D) float64 matrix: x ↦ x·cos + rotate_half(x)·sin (the rotate-half layout)."""
+    a = np.tile(p * inv_freq.astype(np.float64), 2)  # (D,) each pair's angle, twice
+    half = np.block(
+        [[np.zeros((D // 2, D // 2)), -np.eye(D // 2)], [np.eye(D // 2), np.zeros((D // 2, D // 2))]]
+    )
+    return np.diag(np.cos(a)) + np.diag(np.sin(a)) @ half  # rotate_half(x) == half @ x
+
+
+for m, n in ((3, 10), (10, 3), (500, 37)):
+    assert np.allclose(rotation(m).T @ rotation(n), rotation(n - m), atol=1e-12)  # R_mᵀ R_n = R_{n−m}
+    # and the package's float32 RoPE gives ⟨q, R_{n−m} k⟩ up to its float32 angles (spacing 3e-5 at 500 rad):
+    assert abs(score(m, n) - qv @ rotation(n - m) @ kv) < 1e-4 * np.abs(grid).max()
+print("R_mᵀ R_n == R_{n−m}, and score(m, n) == ⟨q, R_{n−m} k⟩")
 
 norms = np.linalg.norm(q_rot, axis=-1) / np.linalg.norm(q, axis=-1)
 print("rotation preserves norms: |q'| / |q| in", norms.min(), "...", norms.max())

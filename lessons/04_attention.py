@@ -159,6 +159,24 @@ print("reshape vs repeat (h // G): max |Δ| =", np.abs(ours_gqa - repeated).max(
 print("reshape vs tile   (h % K):  max |Δ| =", np.abs(ours_gqa - tiled).max().round(2))
 
 # %% [markdown]
+# **Why divide by √D.** If the entries of q and k are independent with mean 0 and variance
+# 1, `q·k` is a sum of D products of variance 1 each, so its variance is D: at D = 64 the
+# scores spread with a standard deviation of 8, and a softmax over such scores puts most of
+# its weight on one key (and, in training, passes almost no gradient to the others).
+# Dividing by √D brings the variance back to 1, whatever the head size.
+
+# %%
+Dh, N = 64, 4_096  # the 0.5B head size; N queries, each against 32 keys
+q_unit = rng.standard_normal((N, Dh))  # (N, D) entries of variance 1
+k_unit = rng.standard_normal((N, 32, Dh))  # (N, 32, D)
+raw = np.einsum("nd,nsd->ns", q_unit, k_unit)  # (N, 32) the scores before scaling
+print(f"var(q·k) = {raw.var():.1f} (D = {Dh}),  var(q·k / √D) = {(raw / np.sqrt(Dh)).var():.2f}")
+top_raw, top_scaled = softmax(raw).max(-1).mean(), softmax(raw / np.sqrt(Dh)).max(-1).mean()
+print(f"mean weight of the top key among 32: {top_raw:.2f} unscaled, {top_scaled:.2f} scaled")
+assert abs(raw.var() / Dh - 1) < 0.1  # 131,072 scores: the sampling error is ~1%
+assert top_raw > 0.5 > top_scaled
+
+# %% [markdown]
 # **Softmax, numerically.** `exp` overflows float32 above ~88.7, and scores can be that
 # large; subtracting each row's maximum first changes nothing mathematically and keeps every
 # exponent ≤ 0. Masked scores are set to `-inf`, whose exponent is exactly 0 (HF adds the

@@ -109,6 +109,28 @@ print(f"max |ours - HF| over all {logits.size:,} logits: {np.abs(logits - hf_log
 assert np.abs(logits - hf_logits).max() < 1e-3 and logits.argmax() == hf_logits.argmax()
 
 # %% [markdown]
+# **The attention sink, shown.** The opening paragraph claimed that the first token's
+# massive activations make it an *attention sink*. HF can return every layer's attention
+# weights: averaged over the heads and over the queries from position 10 on (so that a
+# query has many keys to choose from), in each layer from 3 to 21 — where the first
+# token's entries are in the thousands — the key that receives the most attention is token
+# 0, with two to nine times the weight a uniform spread would give it. The first three
+# layers and the last two look elsewhere.
+
+# %%
+with torch.no_grad():
+    attentions = hf(torch.from_numpy(ids[None]), output_attentions=True).attentions  # layers × (1, H, T, T)
+weights = np.stack([a[0, :, 10:].numpy() for a in attentions])  # (layers, H, T - 10, T)
+received = weights.mean(axis=(1, 2))  # (layers, T): mean weight each key receives
+uniform = np.mean(1 / np.arange(11, len(ids) + 1))  # the mean share of token 0 if every query spread evenly
+print(f"weight on token 0 (uniform: {uniform:.3f}):", " ".join(f"{w:.2f}" for w in received[:, 0]))
+print("the most-attended key, per layer:", received.argmax(axis=1).tolist())
+massive_layers = range(3, 22)
+assert all(peak[layer + 1] > 1000 for layer in massive_layers)  # the stream after layers 3..21
+assert all(received[layer].argmax() == 0 for layer in massive_layers)
+assert received[list(massive_layers), 0].min() > 2 * uniform
+
+# %% [markdown]
 # ## The layer-by-layer debugger, on a broken layer
 #
 # When the last logits disagree, *where* did it start? `minqwen2.debug` runs both models

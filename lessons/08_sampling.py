@@ -152,6 +152,34 @@ axes[0].legend()
 save_figure(fig, "08_filters")
 
 # %% [markdown]
+# ## Order matters, and so do the defaults
+#
+# Temperature changes the probabilities that top-p adds up, so the two do not commute: at
+# T = 1.5 the distribution is flatter and top-p 0.8 needs many more tokens to hold 80% of
+# the mass than it does on the raw logits. HF (and minqwen2) apply the temperature first;
+# llama.cpp's default chain cuts first (top-k, top-p, min-p) and divides by T last, so its
+# kept set does not depend on T. The same flags, on two engines, sample from different sets.
+#
+# Defaults differ too. HF's `generate(do_sample=True)` quietly adds **top-k 50** when the
+# model's `generation_config.json` names no `top_k`. The default model's file sets Qwen's
+# recommended instruct settings, which `minqwen2 generate` and `chat` read as HF does.
+
+# %%
+hot_first = apply_top_p(apply_temperature(logits, 1.5), 0.8)  # HF's order
+cut_first = apply_temperature(apply_top_p(logits, 0.8), 1.5)  # llama.cpp's order
+n_hot, n_cut = np.isfinite(hot_first).sum(), np.isfinite(cut_first).sum()
+print(f"top-p 0.8 with T = 1.5: {n_hot} tokens kept when T comes first, {n_cut} when it comes last")
+assert n_hot > 2 * n_cut
+assert np.array_equal(hot_first, process_logits(logits, SamplingParams(temperature=1.5, top_p=0.8)))
+
+assert SamplingParams.from_generation_config({"do_sample": True}).top_k == 50  # HF's silent default
+recommended = SamplingParams.from_generation_config(MODEL_DIR)  # weights/.../generation_config.json
+print("the default model's own settings:", recommended)
+assert (recommended.temperature, recommended.top_p, recommended.top_k, recommended.repetition_penalty) == (
+    0.7, 0.8, 20, 1.05,
+)  # fmt: skip
+
+# %% [markdown]
 # ## The repetition penalty
 #
 # HF (after the CTRL paper) *divides* a positive logit by `r` and *multiplies* a negative

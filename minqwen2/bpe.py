@@ -23,6 +23,9 @@ Encoding a string takes five steps, in this order (the same pipeline as HF's
 
 Qwen2 adds no BOS or EOS token when encoding; the chat template writes the ones it needs.
 
+The merges list itself comes from training: ``train_bpe`` (after the merge loop) learns one
+from text, merge by merge as ``tokenizers``' ``BpeTrainer`` does.
+
 Decoding runs backwards: ids → token strings → bytes (through the inverse byte map) → UTF-8.
 Bytes that do not form valid UTF-8 become U+FFFD (``errors="replace"``), as in ``tokenizers``.
 
@@ -143,6 +146,84 @@ def bpe_merge(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
         _, i = min(candidates)  # lowest rank, then leftmost
         symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
     return symbols
+
+
+# --------------------------------------------------------------------------------------
+# Where the merges come from: training.
+# --------------------------------------------------------------------------------------
+
+
+def train_bpe(text: str, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn byte-level BPE merges from ``text``: ``(vocab, merges)``, as in ``tokenizer.json``.
+
+    The vocabulary starts as the 256 byte characters, sorted by code point (``"!"`` is 0: the
+    order of the first 256 ids of GPT-2's and Qwen2's vocabularies). The text goes through
+    steps 2-4 of encoding (NFC, the regex, the byte alphabet) and is counted as pieces
+    (``count_words``: ``{("Ġ", "t", "h", "e"): how often " the" occurs, ...}``). Then, until the vocabulary holds ``vocab_size``
+    tokens:
+
+    1. count every adjacent pair of symbols over all pieces, each piece weighted by how often
+       it occurs (overlapping pairs count: ``"aaa"`` holds ``("a", "a")`` twice);
+    2. take the most frequent pair; among equally frequent ones, the pair of the *earliest*
+       tokens: lowest id of the left token, then of the right one;
+    3. record the merge, give the joined string the next id, and join the pair, left to
+       right, in every piece (``"aaa"`` → ``aa a``).
+
+    This is the algorithm of ``tokenizers``' ``BpeTrainer``, tie-break included (it orders
+    pairs by count, then by their ids), so on the same pieces it learns the same merges in
+    the same order (``tests/test_bpe.py``); minbpe breaks ties by first occurrence in the
+    text instead. Training stops early when no pair is left (every piece a single token).
+
+    Readable rather than fast: every step recounts all pairs (``tokenizers`` updates only
+    the pieces that changed). A few hundred merges on 100 KB of text take seconds.
+    """
+    if vocab_size < len(BYTE_ENCODER):
+        raise ValueError(f"vocab_size must be at least 256 (the byte alphabet), got {vocab_size}")
+    vocab = {char: i for i, char in enumerate(sorted(BYTE_ENCODER.values()))}
+    words = count_words(text)
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        counts = count_pairs(words)
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], vocab[p[0]], vocab[p[1]]))  # most frequent, earliest
+        merges.append(pair)
+        vocab[pair[0] + pair[1]] = len(vocab)  # the next id
+        words = {merge_pair(word, pair): n for word, n in words.items()}
+    return vocab, merges
+
+
+def count_words(text: str) -> dict[tuple[str, ...], int]:
+    """The text as training sees it: each distinct piece (after NFC, the regex and the byte
+    alphabet) as a tuple of byte characters, with how often it occurs."""
+    counts: dict[tuple[str, ...], int] = {}
+    for piece in pretokenize(unicodedata.normalize("NFC", text)):
+        word = tuple(BYTE_ENCODER[b] for b in piece.encode("utf-8"))
+        counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def count_pairs(words: dict[tuple[str, ...], int]) -> dict[tuple[str, str], int]:
+    """How often each adjacent pair of symbols occurs, over pieces weighted by their counts."""
+    counts: dict[tuple[str, str], int] = {}
+    for word, n in words.items():
+        for pair in zip(word[:-1], word[1:], strict=True):
+            counts[pair] = counts.get(pair, 0) + n
+    return counts
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """``word`` with every occurrence of ``pair`` joined, scanning left to right."""
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------

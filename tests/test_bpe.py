@@ -7,6 +7,8 @@ Rust ``tokenizers`` pipeline our wrapper builds (``minqwen2.tokenizer``), and HF
 
 Two tokenizers: the real model's (151,936 entries) and a tiny one trained on the corpus
 (331 entries: 256 bytes, 3 special tokens, 72 merges), whose ids and merges differ entirely.
+Training itself (``train_bpe``) is compared with ``tokenizers``' ``BpeTrainer``: the same
+merges in the same order, and the same vocabulary.
 
     pytest tests/test_bpe.py
 """
@@ -20,7 +22,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from tokenizer_corpus import CORPUS, LANGUAGES, build_tiny_tokenizer
-from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
@@ -35,9 +37,11 @@ from minqwen2.bpe import (
     bytes_to_unicode,
     pretokenize,
     token_to_bytes,
+    train_bpe,
 )
 from minqwen2.errors import ConfigError, ModelNotFoundError
 from minqwen2.tokenizer import Tokenizer
+from minqwen2.tools.niah import haystack_text
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -174,6 +178,88 @@ def test_bpe_merge_properties(word, pairs):
     symbols = bpe_merge(word, ranks)
     assert "".join(symbols) == word
     assert not any(pair in ranks for pair in zip(symbols[:-1], symbols[1:], strict=True))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_with_tokenizers(text: str, vocab_size: int) -> tuple[RustTokenizer, dict, list[tuple[str, str]]]:
+    """``tokenizers``' BpeTrainer on Qwen2's pipeline (NFC, the regex, byte level, the 256
+    byte characters as initial alphabet, no special tokens): (tokenizer, vocab, merges)."""
+    tokenizer = RustTokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator([text], trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    return tokenizer, model["vocab"], [tuple(pair) for pair in model["merges"]]
+
+
+TRAINING_TEXTS = {
+    # Most steps here choose among equally frequent pairs (the tie-break decides), and the
+    # repeated characters of the edge cases ("aaaa", "!!!!", "哈哈哈") have overlapping pairs.
+    "corpus": ("".join(CORPUS.values()), 256 + 300),
+    "austen": (haystack_text()[:20_000], 256 + 300),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_TEXTS))
+def test_train_bpe_matches_tokenizers_trainer(name):
+    """The same merges in the same order, and the same token ids."""
+    text, vocab_size = TRAINING_TEXTS[name]
+    vocab, merges = train_bpe(text, vocab_size)
+    _, expected_vocab, expected_merges = train_with_tokenizers(text, vocab_size)
+    assert len(merges) == vocab_size - 256
+    assert merges == expected_merges
+    assert vocab == expected_vocab
+
+
+@given(st.text(st.sampled_from("aab \n'1é哈"), max_size=40), st.integers(256, 290))
+def test_train_bpe_matches_tokenizers_generated(text, vocab_size):
+    """Small alphabets: many ties, runs of one character, training that runs out of pairs."""
+    vocab, merges = train_bpe(text, vocab_size)
+    _, expected_vocab, expected_merges = train_with_tokenizers(text, vocab_size)
+    assert merges == expected_merges
+    assert vocab == expected_vocab
+
+
+def test_trained_vocabulary_encodes_like_tokenizers():
+    """bpe.py's encoder on the learned merges == the tokenizer tokenizers trained."""
+    text, vocab_size = TRAINING_TEXTS["corpus"]
+    vocab, merges = train_bpe(text, vocab_size)
+    trained, _, _ = train_with_tokenizers(text, vocab_size)
+    ours = BPETokenizer(vocab, merges, added_tokens={})
+    for sample in [*CORPUS.values(), haystack_text()[20_000:22_000]]:
+        ids = ours.encode(sample)
+        assert ids == trained.encode(sample).ids
+        assert ours.decode(ids) == unicodedata.normalize("NFC", sample)
+
+
+@pytest.mark.real
+def test_train_bpe_first_vocabulary_is_qwen2s_byte_order(real_model_dir):
+    """Ids 0-255: the byte characters by code point, as in Qwen2's own vocabulary."""
+    vocab, merges = train_bpe("", 256)
+    assert merges == []
+    real = json.loads((real_model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert all(real[token] == i for token, i in vocab.items())
+
+
+def test_train_bpe_stops_when_no_pair_is_left():
+    vocab, merges = train_bpe("ab ab", 1_000)
+    assert merges == [("a", "b"), ("Ġ", "ab")]
+    assert len(vocab) == 258
+
+
+def test_train_bpe_refuses_a_vocabulary_below_the_bytes():
+    with pytest.raises(ValueError, match="at least 256"):
+        train_bpe("hello", 255)
 
 
 # ----------------------------------------------------------------------------- whole pipeline, tiny
