@@ -29,6 +29,12 @@ With ``dual_chunk_attention_config``, steps 2 and 4 are ``dca_mlx.py``, the twin
 ``dca.py``: keys rotated by ``j mod chunk_len`` before the cache, the queries three ways
 inside the attention, the same refusal of a cache written by the other attention.
 
+Split over ranks (``minqwen2/distributed.py``), a rank's module holds only its KV groups:
+its config (``sharding.rank_config``) counts K/N key/value heads and their H/N query heads,
+and ``weights`` are its rows of q/k/v and its columns of ``o_proj``. Its ``o_proj`` product
+is then a partial sum of the output, and with a ``group`` the module adds the ranks' partial
+sums (one ``mx.distributed.all_sum`` of ``(B, T, C)``), so every rank returns the whole output.
+
 Shape legend: B batch, T new tokens (queries), S cached + new tokens (keys), C hidden
 size, H query heads, K key/value heads, G = H // K, D head dim.
 """
@@ -74,10 +80,20 @@ class Attention:
 
     ``attention(x, rope, cache)``: x ``(B, T, C)``; the new tokens sit at positions
     ``cache.length + arange(T)`` (``arange(T)`` without a cache); returns ``(B, T, C)``.
+
+    ``group``: the ranks this layer is split over (module docstring); ``None``, the default,
+    for the whole layer in one process.
     """
 
-    def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
+    def __init__(
+        self,
+        config: Qwen2Config,
+        layer_idx: int,
+        weights: Mapping[str, Weight],
+        group: mx.distributed.Group | None = None,
+    ) -> None:
         self.layer_idx = layer_idx
+        self.group = group
         self.num_heads = config.num_attention_heads  # H
         self.num_kv_heads = config.num_key_value_heads  # K
         self.head_dim = config.head_dim  # D
@@ -115,7 +131,8 @@ class Attention:
         else:
             out = self.causal(q, k, v, rope, cache)  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D): heads side by side
-        return linear(out, self.o_proj_weight)  # (B, T, C)
+        out = linear(out, self.o_proj_weight)  # (B, T, C); split: this rank's heads' share
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)  # (B, T, C)
 
     def causal(
         self, q: mx.array, k: mx.array, v: mx.array, rope: RotaryEmbedding, cache: LayerKVCache | None

@@ -13,6 +13,11 @@ What changes here:
 * the activation ``silu(gate) * up`` is one compiled kernel (:func:`swiglu`) instead of
   four elementwise passes over a ``(..., F)`` array.
 
+Split over ranks (``minqwen2/distributed.py``), a rank holds its slice of the F hidden
+units: its rows of gate/up and its columns of down, so its ``down_proj`` gives a partial
+sum, and with a ``group`` the module adds the ranks' partial sums (one
+``mx.distributed.all_sum`` of ``(..., C)``).
+
 Dtype convention (HF's ``Qwen2MLP`` in bfloat16): torch's ``silu`` computes in float32
 internally and rounds its result once to the input dtype; the product with ``up`` is then
 a bfloat16 multiply. :func:`swiglu` does exactly that. For float32 the casts are no-ops.
@@ -49,10 +54,12 @@ class MLP:
     """Qwen2's SwiGLU MLP, from HF ``Qwen2MLP`` state_dict keys (twin of :class:`minqwen2.mlp.MLP`).
 
     ``weights``: ``gate_proj.weight (F, C)``, ``up_proj.weight (F, C)``,
-    ``down_proj.weight (C, F)``, each an ``mx.array`` or a ``QuantizedWeight``.
+    ``down_proj.weight (C, F)``, each an ``mx.array`` or a ``QuantizedWeight``. ``group``:
+    the ranks it is split over (module docstring), or ``None`` for the whole MLP.
     """
 
-    def __init__(self, weights: Mapping[str, Weight]) -> None:
+    def __init__(self, weights: Mapping[str, Weight], group: mx.distributed.Group | None = None) -> None:
+        self.group = group
         # As in mlp.py: the gate's shape gives the widths, and the rest must agree.
         gate = weights.get("gate_proj.weight")
         F, C = tuple(gate.shape)[-2:] if gate is not None and len(gate.shape) == 2 else (0, 0)
@@ -67,4 +74,5 @@ class MLP:
         assert x.shape[-1] == self.hidden_size, (x.shape, self.hidden_size)
         gate_up = linear(x, self.gate_up_proj)  # (..., 2F)
         gate, up = mx.split(gate_up, 2, axis=-1)  # (..., F) each
-        return linear(swiglu(gate, up), self.down_proj)  # (..., F) -> (..., C)
+        out = linear(swiglu(gate, up), self.down_proj)  # (..., F) -> (..., C); split: a partial sum
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)  # (..., C)

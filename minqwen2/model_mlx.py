@@ -42,6 +42,11 @@ Precision (``dtype``):
 * ``bits=4`` or ``8`` quantizes the matrices (``quantize_mlx.py``; the products are in
   ``linear_mlx.py``) on top of ``dtype``.
 
+Split over ranks (``minqwen2/distributed.py`` builds it): the same model, from a rank's
+config (``sharding.rank_config``) and its shards of the weights, with a ``group``; each
+attention and each MLP / MoE block then ends with one ``all_sum`` (their docstrings), and
+the embedding, the norms and ``lm_head`` are whole on every rank.
+
 Shapes: ``B`` batch, ``T`` new tokens in this call, ``C`` hidden size, ``V`` vocabulary.
 """
 
@@ -82,14 +87,24 @@ FLOAT16_OVERFLOW = (
 class DecoderLayer:
     """One transformer block (twin of :class:`minqwen2.model.DecoderLayer`)."""
 
-    def __init__(self, config: Qwen2Config, layer_idx: int, weights: Mapping[str, Weight]) -> None:
+    def __init__(
+        self,
+        config: Qwen2Config,
+        layer_idx: int,
+        weights: Mapping[str, Weight],
+        group: mx.distributed.Group | None = None,
+    ) -> None:
         eps = config.rms_norm_eps
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(submodule(weights, "input_layernorm."), eps)
-        self.self_attn = Attention(config, layer_idx, submodule(weights, "self_attn."))
+        self.self_attn = Attention(config, layer_idx, submodule(weights, "self_attn."), group)
         self.post_attention_layernorm = RMSNorm(submodule(weights, "post_attention_layernorm."), eps)
         mlp_weights = submodule(weights, "mlp.")
-        self.mlp = SparseMoeBlock(config, mlp_weights) if config.is_moe_layer(layer_idx) else MLP(mlp_weights)
+        self.mlp = (
+            SparseMoeBlock(config, mlp_weights, group)
+            if config.is_moe_layer(layer_idx)
+            else MLP(mlp_weights, group)
+        )
 
     def __call__(
         self,
@@ -114,17 +129,25 @@ class Qwen2Model:
     and a dict of weights under HF's names — ``mx.array`` in ``dtype``, or
     :class:`~minqwen2.linear_mlx.QuantizedWeight` (MoE experts stacked as HF 5.24 holds
     them, ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``).
+
+    ``group``: the ranks the model is split over, with ``config`` and ``weights`` the rank's
+    (module docstring); ``None``, the default, for the whole model in one process.
     """
 
     def __init__(
-        self, config: Qwen2Config, weights: Mapping[str, Weight], dtype: mx.Dtype = mx.bfloat16
+        self,
+        config: Qwen2Config,
+        weights: Mapping[str, Weight],
+        dtype: mx.Dtype = mx.bfloat16,
+        group: mx.distributed.Group | None = None,
     ) -> None:
         self.config = config
         self.dtype = dtype
+        self.group = group
         self.embed_tokens = weights["model.embed_tokens.weight"]  # (V, C)
         self.rotary_emb = RotaryEmbedding(config)
         self.layers = [
-            DecoderLayer(config, i, submodule(weights, f"model.layers.{i}."))
+            DecoderLayer(config, i, submodule(weights, f"model.layers.{i}."), group)
             for i in range(config.num_hidden_layers)
         ]
         self.norm = RMSNorm(submodule(weights, "model.norm."), config.rms_norm_eps)
@@ -226,6 +249,19 @@ class Qwen2Model:
         return y
 
 
+def check_options(dtype: str | None, bits: int | None) -> mx.Dtype:
+    """The MLX dtype for ``dtype`` (``None``: the default); a clear error for an unsupported
+    ``dtype`` or ``bits``."""
+    dtype = DEFAULT_DTYPE if dtype is None else dtype
+    if dtype not in DTYPES:
+        raise MinQwen2Error(
+            f"dtype {dtype!r} is not supported by the MLX backend; expected one of {list(DTYPES)}"
+        )
+    if bits is not None and bits not in BITS:
+        raise MinQwen2Error(f"bits = {bits!r} is not supported; expected None or one of {list(BITS)}")
+    return DTYPES[dtype]
+
+
 def load_mlx_model(
     path: str | Path,
     dtype: str | None = None,
@@ -244,15 +280,7 @@ def load_mlx_model(
     The steps are the module docstring's "Loading".
     """
     path = Path(path)
-    dtype = DEFAULT_DTYPE if dtype is None else dtype
-    if dtype not in DTYPES:
-        raise MinQwen2Error(
-            f"dtype {dtype!r} is not supported by the MLX backend; expected one of {list(DTYPES)}"
-        )
-    if bits is not None and bits not in BITS:
-        raise MinQwen2Error(f"bits = {bits!r} is not supported; expected None or one of {list(BITS)}")
-    mx_dtype = DTYPES[dtype]
-
+    mx_dtype = check_options(dtype, bits)
     config, stored_bits = read_config(path, long_context, context)
     if stored_bits is None:
         # mmap=False: each tensor is read into memory of its own, largest first, copied into

@@ -203,6 +203,23 @@ def read_tensor(info: TensorInfo, mmap: np.memmap | None = None, *, copy: bool =
     return _as_float32(raw, info.dtype)
 
 
+def read_tensor_slice(
+    info: TensorInfo, index: tuple[slice, ...], mmap: np.memmap | None = None, *, copy: bool = False
+) -> np.ndarray:
+    """``read_tensor(info)[index]`` as float32, reading only the slice's bytes.
+
+    The stored elements are indexed in the memory-mapped file *before* they are widened,
+    so only the pages under the slice are touched: one rank of a split model reads its
+    shard of each tensor (``sharding.rank_slices``) and never the rest. ``copy=True``
+    copies the slice into memory of its own (no mapped pages are kept).
+    """
+    stored, _ = _DTYPES[info.dtype]
+    if mmap is None:
+        mmap = np.memmap(info.file, dtype=np.uint8, mode="r")
+    raw = mmap[info.begin : info.end].view(stored).reshape(info.shape)[index]  # a view: nothing read yet
+    return _as_float32(np.array(raw) if copy else raw, info.dtype)
+
+
 #: Rows per slice when reading a matrix column-major: a slice (1.8 MB of a 896-wide float32
 #: matrix) stays in the CPU's caches while it is scattered into columns, and no row-major
 #: copy of the whole matrix is ever made (``np.asfortranarray`` would need twice the memory).
@@ -330,7 +347,12 @@ def check_memory(needed: int, model_dir: Path) -> None:
 
 
 def load_weights(
-    model_dir: str | Path, config: Qwen2Config, *, mmap: bool = True, column_major: Collection[str] = ()
+    model_dir: str | Path,
+    config: Qwen2Config,
+    *,
+    mmap: bool = True,
+    column_major: Collection[str] = (),
+    slices: Mapping[str, tuple[slice, ...]] | None = None,
 ) -> Mapping[str, np.ndarray]:
     """Read a checkpoint into float32 arrays keyed by HF's names, after checking it all.
 
@@ -340,6 +362,10 @@ def load_weights(
     * ``column_major``: names of matrices to read into column-major memory instead
       (:func:`read_tensor_column_major`; always a copy). The NumPy model asks for its
       ``lm_head.weight`` so (``fastpath.py`` says why).
+    * ``slices``: name → the part of that tensor to read, under the names below (experts
+      stacked): each array is then ``full[slices[name]]``, and only the slice's bytes are
+      read (:func:`read_tensor_slice`); names not listed are read whole. One rank of a
+      split model passes ``sharding.rank_slices`` (``minqwen2/distributed.py``).
 
     Four steps, each a function below: find every tensor in the files
     (:func:`find_tensors`), check them against the config's schema
@@ -355,23 +381,44 @@ def load_weights(
     where = (model_dir / INDEX_FILE) if (model_dir / INDEX_FILE).is_file() else (model_dir / SINGLE_FILE)
     schema = stored_schema(tensors, config)
     check_checkpoint(tensors, schema, config, where)
-    check_memory(sum(tensors[name].numel * 4 for name in schema), model_dir)
+    if slices is None:
+        check_memory(sum(tensors[name].numel * 4 for name in schema), model_dir)
+    else:  # the float32 bytes of the slices (stacked experts counted as stacked: the same numbers)
+        full = checkpoint_tensors(config, fused_experts=True)
+        check_memory(sum(4 * _sliced_numel(full[n], s) for n, s in slices.items() if n in full), model_dir)
 
-    readers = model_readers(TensorReader(tensors, mmap, column_major), config, schema)
+    readers = model_readers(TensorReader(tensors, mmap, column_major, slices or {}), config, schema)
     if not mmap:
         return LazyTensors(readers)
     return {name: reader() for name, reader in readers.items()}
 
 
-class TensorReader:
-    """``read(name)``: one checked tensor as float32, mapped or copied, row- or column-major."""
+def _sliced_numel(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
+    """Elements of ``full[index]`` for a tensor of ``shape``."""
+    return math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
-    def __init__(self, tensors: Mapping[str, TensorInfo], mmap: bool, column_major: Collection[str]) -> None:
+
+class TensorReader:
+    """``read(name)``: one checked tensor as float32, mapped or copied, row- or column-major;
+    only its slice when ``slices`` names it."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, TensorInfo],
+        mmap: bool,
+        column_major: Collection[str],
+        slices: Mapping[str, tuple[slice, ...]] | None = None,
+    ) -> None:
         self.tensors, self.mmap, self.column_major = tensors, mmap, set(column_major)
+        self.slices = dict(slices or {})
         self.maps: dict[Path, np.memmap] = {}  # one map per file
 
     def __call__(self, name: str, column: bool | None = None) -> np.ndarray:
         info = self.tensors[name]
+        if name in self.slices:  # a shard; without mmap, copied out of a map that is dropped at once
+            if self.mmap and info.file not in self.maps:
+                self.maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+            return read_tensor_slice(info, self.slices[name], self.maps.get(info.file), copy=not self.mmap)
         if column is None:
             column = name in self.column_major
         if column:
@@ -400,7 +447,11 @@ def model_readers(
     for i in range(config.num_hidden_layers):
         if config.is_moe_layer(i):
             p = f"model.layers.{i}.mlp.experts."
-            gate_up, down = _expert_readers(read, p, config.num_experts, fused=p + "gate_up_proj" in schema)
+            # A shard's experts are whole ones (sharding.py): slice the stacked axis only.
+            experts = read.slices.get(p + "gate_up_proj", (slice(None),))[0]
+            gate_up, down = _expert_readers(
+                read, p, range(config.num_experts)[experts], fused=p + "gate_up_proj" in schema
+            )
             readers[p + "gate_up_proj"], readers[p + "down_proj"] = gate_up, down
 
     # Largest first: a consumer that converts tensors one at a time in this order (MLX's
@@ -411,10 +462,11 @@ def model_readers(
 
 
 def _expert_readers(
-    read: Callable[[str], np.ndarray], p: str, num_experts: int, fused: bool
+    read: Callable[[str], np.ndarray], p: str, experts: range, fused: bool
 ) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
-    """Readers of one MoE layer's stacked experts: ``gate_up_proj (E, 2I, C)``, ``down_proj (E, C, I)``."""
-    if fused:  # stored as HF 5 holds them in memory
+    """Readers of one MoE layer's stacked ``experts`` (all E, or a rank's whole ones):
+    ``gate_up_proj (E, 2I, C)``, ``down_proj (E, C, I)``."""
+    if fused:  # stored as HF 5 holds them in memory (the reader applies a shard's slice itself)
         return (
             lambda: np.ascontiguousarray(read(p + "gate_up_proj")),
             lambda: np.ascontiguousarray(read(p + "down_proj")),
@@ -422,11 +474,14 @@ def _expert_readers(
 
     def gate_up() -> np.ndarray:  # (E, 2I, C): each expert's gate rows then its up rows
         return np.stack(
-            [np.concatenate([read(f"{p}{e}.gate_proj.weight"), read(f"{p}{e}.up_proj.weight")]) for e in range(num_experts)]
+            [
+                np.concatenate([read(f"{p}{e}.gate_proj.weight"), read(f"{p}{e}.up_proj.weight")])
+                for e in experts
+            ]
         )
 
     def down() -> np.ndarray:  # (E, C, I)
-        return np.stack([read(f"{p}{e}.down_proj.weight") for e in range(num_experts)])
+        return np.stack([read(f"{p}{e}.down_proj.weight") for e in experts])
 
     return gate_up, down
 

@@ -80,6 +80,12 @@ def _add_generation_commands(sub: Any) -> None:
     )
     p.add_argument("--prompt", help="the prompt (default: read it from stdin)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the model over the ranks mlx.launch started (MLX backend; rank 0 prints), e.g. "
+        "`mlx.launch -n 2 --backend ring minqwen2 generate --distributed --prompt ...`",
+    )
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -252,6 +258,11 @@ def load_with_progress(args: argparse.Namespace, path: Path) -> tuple[Any, Any]:
     from minqwen2.loader import load_model
     from minqwen2.tokenizer import load_tokenizer
 
+    if getattr(args, "distributed", False):  # this rank's shard (minqwen2/distributed.py), no bar
+        from minqwen2.distributed import load_distributed
+
+        options = dict(dtype=args.dtype, bits=args.bits, long_context=args.long_context, context=args.context)
+        return load_distributed(path, **options)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
@@ -302,10 +313,29 @@ def load_for_generation(args: argparse.Namespace, command: str) -> Loaded:
         raise GenerationError(f"{path} has no tokenizer.json; `minqwen2 {command}` needs one")
     model, tokenizer = load_with_progress(args, path)
     seed = args.seed if args.seed is not None or sampling.greedy else secrets.randbits(32)
+    if getattr(args, "distributed", False):  # every rank samples with rank 0's seed: the same tokens
+        from minqwen2.distributed import same_on_every_rank
+
+        seed = same_on_every_rank(seed, model.group)
     return Loaded(path, model, tokenizer, sampling, seed)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.distributed:
+        return _generate(args)
+    from minqwen2.distributed import init, on_every_rank
+    from minqwen2.sampling import GenerationError
+
+    if args.backend == "numpy":
+        raise GenerationError("--distributed runs the MLX backend; it cannot be used with --backend numpy")
+    if args.prompt is None:  # mlx.launch never closes the ranks' stdin: reading it would not end
+        raise GenerationError(
+            "--distributed needs --prompt TEXT (the ranks cannot read the prompt from stdin)"
+        )
+    return on_every_rank(lambda: _generate(args), init())
+
+
+def _generate(args: argparse.Namespace) -> int:
     from minqwen2.generate import generate
     from minqwen2.sampling import GenerationError
 
@@ -318,7 +348,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError("--system needs the chat template; it cannot be used with --raw")
     run = load_for_generation(args, "generate")
     sampling, tokenizer = run.sampling, run.tokenizer
-    if sampling.greedy:
+    # Split: every rank runs the same loop (its forward passes are collective); rank 0 prints.
+    group = getattr(run.model, "group", None)  # None: one process
+    shown = group is None or group.rank() == 0
+    if not shown:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this rank's process)
+    if sampling.greedy and shown:
         ignored = [f for f in ("top_k", "top_p", "min_p") if getattr(args, f) is not None]
         if ignored:
             flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
@@ -356,7 +391,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
         f"generated: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
         f"stop: {reason} | {settings}",
-        file=sys.stderr,
+        file=sys.stderr if shown else sys.stdout,  # (the other ranks' stdout is os.devnull)
     )
     return 0
 
