@@ -650,6 +650,46 @@ def test_minqwen2_serve_starts_uvicorn_and_serves(tiny):
     assert "warning" not in stderr
 
 
+def test_the_mlx_backend_runs_on_the_model_thread(tiny):
+    """``serve --backend mlx``: MLX ties arrays and compiled functions to the thread that made
+    them, so the server loads the model on its model thread (``engine.model_thread``); a
+    model loaded on another thread fails there with "There is no Stream(cpu, 0) in current
+    thread". The replies, plain and streamed, are the MLX library's."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minqwen2", "serve", "--model", str(tiny.path), "--port", str(port),
+         "--backend", "mlx", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                return raw(url, "GET", "/health")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(up, "minqwen2 serve --backend mlx to answer /health")
+        model, tokenizer = minqwen2.load(tiny.path, backend="mlx", dtype="float32")
+        ids = chat_ids(tiny, MESSAGES)
+        expected = "".join(r.text for r in minqwen2.generate(model, tokenizer, ids, max_tokens=8))
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        out = c.chat.completions.create(model=tiny.name, messages=MESSAGES, max_tokens=8)
+        assert out.system_fingerprint == f"minqwen2-{tiny.name}-mlx-float32"
+        assert out.choices[0].message.content == expected
+        stream = c.chat.completions.create(model=tiny.name, messages=MESSAGES, max_tokens=8, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == expected
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+
+
 def test_a_non_loopback_host_without_a_key_is_warned_about(tmp_path):
     """The warning comes before anything else (here the model is missing, so nothing is served)."""
     import subprocess

@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def build_app(
     max_tokens: int = 512,
     cors_origins: list[str] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    thread: ThreadPoolExecutor | None = None,
 ) -> Starlette:
     """The server for one loaded model, as an ASGI application (``uvicorn.run(app)``).
 
@@ -82,6 +84,7 @@ def build_app(
     * ``max_queue``: requests that may wait while one generates; beyond, 429.
     * ``max_tokens``: the reply's length when a request does not say.
     * ``cors_origins``: web origins allowed to call the API from a browser (default: none).
+    * ``thread``: the ``engine.model_thread()`` the model was loaded on (needed for MLX).
     """
     if tokenizer is None:
         raise MinQwen2Error("the server needs a tokenizer (the model directory has no tokenizer.json)")
@@ -95,7 +98,7 @@ def build_app(
         sampling=sampling,
         max_tokens=max_tokens,
     )
-    server = Server(Engine(model, tokenizer, max_queue), served, api_key, max_body_bytes)
+    server = Server(Engine(model, tokenizer, max_queue, thread), served, api_key, max_body_bytes)
     routes = [
         Route("/", server.page, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),

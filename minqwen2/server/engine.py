@@ -45,6 +45,25 @@ from minqwen2.sampling import Sampler
 from minqwen2.server.protocol import APIError, Job, TokenLogprob
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs the model: load the model on it too.
+
+    MLX ties arrays, and the functions ``mx.compile`` traced, to the streams of the thread
+    that made them; another thread cannot evaluate them ("There is no Stream(cpu, 0) in
+    current thread"). So an MLX model must be loaded, and its cache made, on the thread that
+    will run it, and that thread starts with a default stream of its own. (NumPy does not
+    care which thread runs it.)"""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="minqwen2-model", initializer=_own_mlx_stream)
+
+
+def _own_mlx_stream() -> None:
+    try:
+        import mlx.core as mx
+    except ImportError:  # no MLX: nothing to set up
+        return
+    mx.set_default_stream(mx.new_stream(mx.default_device()))
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token as the engine hands it to the web side."""
@@ -58,15 +77,21 @@ class Engine:
     """The model, its tokenizer, the shared KV cache and the queue in front of them.
 
     ``max_queue``: how many requests may wait while one generates; one more gets a 429.
+    ``thread``: the :func:`model_thread` the model was loaded on (None: a new one, which is
+    right for a NumPy model only).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_queue: int = 16) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, max_queue: int = 16, thread: ThreadPoolExecutor | None = None
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue = {max_queue} is out of range; expected an integer >= 0")
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
-        self.cache = model.make_cache()  # grows as needed; shared by every request, one at a time
+        self.model_thread = thread or model_thread()
+        # The cache is shared by every request, one at a time, and grows as needed; made on
+        # the model thread (MLX: its arrays belong to that thread's stream).
+        self.cache = self.model_thread.submit(model.make_cache).result()
         self.cache_ids: list[int] = []  # the ids whose keys and values the cache holds
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minqwen2-model")
         self.lock = asyncio.Lock()  # held by the request that is generating
         self.waiting = 0  # requests in the queue (not counting the one generating)
         self.seconds_per_request = 1.0  # a running average, for Retry-After

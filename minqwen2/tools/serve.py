@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from minqwen2.server import build_app
+        from minqwen2.server.engine import model_thread
     except ImportError as err:
         raise MinQwen2Error(
             f"`minqwen2 serve` needs the serve extra ({err.name} is missing): pip install 'minqwen2[serve]'"
@@ -105,14 +106,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     if not (path / "tokenizer.json").is_file():
         raise MinQwen2Error(f"{path} has no tokenizer.json; `minqwen2 serve` needs one")
-    model, tokenizer = load_with_progress(args, path)
+    thread = model_thread()  # the model is loaded on the thread that will run it (MLX needs that)
+    model, tokenizer = thread.submit(load_with_progress, args, path).result()
     backend = args.backend or default_backend()
     dtype = args.dtype or ("float32" if backend == "numpy" else "bfloat16")
     bits = f"-{args.bits}bit" if args.bits else ""
     app = build_app(
         model, tokenizer, name=path.name, fingerprint=f"minqwen2-{path.name}-{backend}-{dtype}{bits}",
         api_key=args.api_key or None, max_queue=args.max_queue, max_tokens=args.max_tokens,
-        cors_origins=args.cors_origin,
+        cors_origins=args.cors_origin, thread=thread,
     )  # fmt: skip
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"minqwen2: serving {path.name} ({backend}, {dtype}{bits}): chat page {url}/, API {url}/v1",
