@@ -198,12 +198,9 @@ def add_long_context_flags(parser: Any) -> None:
 # ------------------------------------------------------------------ generate (and chat)
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags ``chat`` and ``generate`` share: model, backend, and sampling settings.
-
-    Sampling flags default to ``None`` ("not given"): the model's generation_config.json
-    supplies the value then (see :func:`sampling_from_args`).
-    """
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The "model" group every command that loads a model has: ``--model``, ``--backend``,
+    ``--dtype``, ``--bits`` and the long-context flags (:func:`load_with_progress` reads them)."""
     from minqwen2.paths import DEFAULT_MODEL
 
     g = parser.add_argument_group("model")
@@ -212,6 +209,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
     g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
     add_long_context_flags(g)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags ``chat`` and ``generate`` share: model, backend, and sampling settings.
+
+    Sampling flags default to ``None`` ("not given"): the model's generation_config.json
+    supplies the value then (see :func:`sampling_from_args`).
+    """
+    add_model_flags(parser)
     g = parser.add_argument_group(
         "generation (unset sampling flags come from the model's generation_config.json)"
     )

@@ -39,8 +39,7 @@ DEFAULT_MAX_LENGTH = 4096
 
 def add_eval_command(sub: Any) -> None:
     """Register ``eval`` (with its subcommand ``niah``) on the CLI's subparsers object."""
-    from minqwen2.paths import DEFAULT_MODEL
-    from minqwen2.tools.cli import add_long_context_flags
+    from minqwen2.tools.cli import add_model_flags
 
     p = sub.add_parser("eval", help="evaluate a model: needle in a haystack (`eval niah`)")
     evaluations = p.add_subparsers(dest="evaluation", metavar="EVALUATION")
@@ -54,12 +53,7 @@ def add_eval_command(sub: Any) -> None:
         "asked for it. Greedy answers are scored by exact match. Writes niah-<model>-<mode>.json "
         "(every trial; a re-run resumes) and a heatmap PNG under --out.",
     )
-    g = n.add_argument_group("model")
-    g.add_argument("--model", help=f"a model directory or registry name (default: {DEFAULT_MODEL})")
-    g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
-    g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
-    add_long_context_flags(g)  # --long-context yarn|dca|none, --context N
+    add_model_flags(n)  # --model, --backend, --dtype, --bits, --long-context, --context
 
     g = n.add_argument_group("grid")
     lengths = g.add_mutually_exclusive_group()

@@ -24,8 +24,7 @@ DEFAULT_PORT = 8080
 
 def add_serve_command(sub: Any) -> None:
     """Register ``minqwen2 serve`` on the CLI's subparsers."""
-    from minqwen2.paths import DEFAULT_MODEL
-    from minqwen2.tools.cli import add_long_context_flags
+    from minqwen2.tools.cli import add_model_flags
 
     p = sub.add_parser(
         "serve",
@@ -34,12 +33,7 @@ def add_serve_command(sub: Any) -> None:
         "/v1/models) and a chat page at /. One generation runs at a time; others wait in a bounded "
         "queue. Needs the serve extra: pip install 'minqwen2[serve]'.",
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"a model directory or registry name (default: {DEFAULT_MODEL})")
-    g.add_argument("--backend", choices=("numpy", "mlx"), help="default: MLX on Apple silicon, else NumPy")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="NumPy: float32 only")
-    g.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights (MLX only)")
-    add_long_context_flags(g)
+    add_model_flags(p)  # --model, --backend, --dtype, --bits, --long-context, --context
     g = p.add_argument_group("server")
     g.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
