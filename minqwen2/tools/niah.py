@@ -71,6 +71,7 @@ import itertools
 import json
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -654,7 +655,8 @@ def plot_heatmap(trials: Sequence[dict[str, Any]], path: str | Path, title: str)
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]).with_extremes(
         bad="#DDDDDD"
     )
-    fig = Figure(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.5 * len(depths)), layout="constrained")
+    width = max(4.0, 1.2 + 1.1 * len(lengths))  # inches; a grid of one or two lengths still fits its title
+    fig = Figure(figsize=(width, 1.4 + 0.5 * len(depths)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(accuracy, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -666,7 +668,7 @@ def plot_heatmap(trials: Sequence[dict[str, Any]], path: str | Path, title: str)
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, int(9 * width))), fontsize=10)  # ~9 characters an inch
     fig.colorbar(image, ax=ax, label="accuracy")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
