@@ -64,10 +64,12 @@ on what the code holds in that phase, read off the code line by line:
 * **reference attention** (``fastpath.reference()``, ``grouped_query_attention``): the
   same with ``R = T`` and three score arrays, ``3 · H · T · S`` (the scores, the shifted
   scores and the exponentials of the softmax are alive together);
-* **Dual Chunk Attention** (``dca.attend_rotated_keys``): per tile of R rows, the three
-  score blocks, their concatenation, the masked copy and the softmax's temporaries, at
-  most ``4 · H · R · S``, and ``6 · H · R · D`` for the three rotated query copies and a
-  rotation's temporaries;
+* **Dual Chunk Attention**, in tiles of R rows in both forms: the fast path
+  (``dca.attend_rotated_keys_fast``) holds one tile's scores ``H · R · S``, the scaled
+  queries ``H · T · D`` and ``6 · H · R · D`` for a rotated query copy, a rotation's
+  temporaries (``x·cos``, ``rotate_half(x)`` and its half, the product) and ``P · v``; the reference (``dca.attend_rotated_keys``) the three score
+  blocks, their concatenation, the masked copy and the softmax's temporaries, at most
+  ``4 · H · R · S``, and ``6 · H · R · D`` for the three rotated query copies;
 * **MoE** layers, instead of the MLP, per token: the largest of the routing (``4 · E``:
   logits and the softmax's temporaries), one routed expert at a time (``4 · I + 5 · C``:
   its tokens, its gate_up and hidden, its output, the weighted sum) and the shared expert
@@ -319,7 +321,11 @@ def numpy_activation_bytes(
     # then the scores of one block (or, for the reference, of every query three times).
     projections = T * (H + 2 * K) * D + 3 * H * T * D + 3 * K * T * D
     if config.dual_chunk_attention is not None:
-        scores = 4 * H * R * S + 6 * H * R * D
+        R = min(T, query_block_size(H, S))  # both of DCA's forms score the queries in tiles
+        if reference:  # dca.attend_rotated_keys: three blocks, their concatenation, softmax temporaries
+            scores = 4 * H * R * S + 6 * H * R * D
+        else:  # attend_rotated_keys_fast: one scores array; the scaled queries; a rotation's temporaries
+            scores = H * R * S + H * T * D + 6 * H * R * D
         what = f"Dual Chunk Attention's scores ({R} query rows × {S} keys)"
     elif reference:
         scores = 3 * H * T * S

@@ -213,8 +213,9 @@ def measured_numpy_peak(model, tokens: int, capacity: int | None) -> int:
 @pytest.mark.parametrize(
     "name, reference, capacity",
     [("mlp", False, None), ("attention", False, None), ("attention", True, None), ("moe", False, None),
-     ("dca", False, None), ("mlp", False, 256)],
-    ids=["mlp-bound", "attention-blocks", "reference-attention", "moe", "dual-chunk-attention", "growing-cache"],
+     ("dca", False, None), ("dca", True, None), ("mlp", False, 256)],
+    ids=["mlp-bound", "attention-blocks", "reference-attention", "moe", "dual-chunk-attention",
+         "dual-chunk-attention-reference", "growing-cache"],
 )  # fmt: skip
 def test_measured_prefill_peak_is_within_the_plan(model_dirs, name, reference, capacity):
     """1,100 tokens (three chunks of a prefill): the peak of everything the prefill
