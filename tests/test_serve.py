@@ -614,19 +614,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_minqwen2_serve_starts_uvicorn_and_serves(tiny):
-    """The command as a user runs it: a subprocess on a free loopback port, stopped by SIGTERM."""
+@contextmanager
+def serve_command(tiny, *flags: str):
+    """``minqwen2 serve --model TINY FLAGS`` as a user runs it, in a subprocess on a free
+    loopback port; yields ``(url, stderr)`` once /health answers (``stderr`` is a list that
+    holds the server's stderr after it stopped), then stops it with SIGTERM."""
     import subprocess
     import sys
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "minqwen2", "serve", "--model", str(tiny.path), "--port", str(port),
-         "--api-key", "k", "--max-queue", "2"],
+        [sys.executable, "-m", "minqwen2", "serve", "--model", str(tiny.path), "--port", str(port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    url, stderr = f"http://127.0.0.1:{port}", []
     try:
-        url = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
             assert proc.poll() is None, proc.communicate()[1]
@@ -635,7 +637,16 @@ def test_minqwen2_serve_starts_uvicorn_and_serves(tiny):
             except OSError:
                 return False
 
-        wait_until(up, "minqwen2 serve to answer /health")
+        wait_until(up, f"minqwen2 serve {' '.join(flags)} to answer /health")
+        yield url, stderr
+    finally:
+        proc.terminate()
+        stderr.append(proc.communicate(timeout=TIMEOUT)[1])
+
+
+def test_minqwen2_serve_starts_uvicorn_and_serves(tiny):
+    """The command as a user runs it: a subprocess on a free loopback port, stopped by SIGTERM."""
+    with serve_command(tiny, "--api-key", "k", "--max-queue", "2") as (url, stderr):
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=TIMEOUT)
         out = c.chat.completions.create(model=tiny.name, messages=MESSAGES, max_tokens=6)
         assert out.system_fingerprint == f"minqwen2-{tiny.name}-numpy-float32"
@@ -643,11 +654,8 @@ def test_minqwen2_serve_starts_uvicorn_and_serves(tiny):
             r.text for r in library(tiny, chat_ids(tiny, MESSAGES), max_tokens=6)
         )
         assert raw(url, "GET", "/")[0] == 200
-    finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=TIMEOUT)
-    assert f"chat page http://127.0.0.1:{port}/" in stderr
-    assert "warning" not in stderr
+    assert f"chat page {url}/" in stderr[0]
+    assert "warning" not in stderr[0]
 
 
 def test_the_mlx_backend_runs_on_the_model_thread(tiny):
@@ -655,27 +663,8 @@ def test_the_mlx_backend_runs_on_the_model_thread(tiny):
     them, so the server loads the model on its model thread (``engine.model_thread``); a
     model loaded on another thread fails there with "There is no Stream(cpu, 0) in current
     thread". The replies, plain and streamed, are the MLX library's."""
-    import subprocess
-    import sys
-
     pytest.importorskip("mlx.core")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minqwen2", "serve", "--model", str(tiny.path), "--port", str(port),
-         "--backend", "mlx", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                return raw(url, "GET", "/health")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, "minqwen2 serve --backend mlx to answer /health")
+    with serve_command(tiny, "--backend", "mlx", "--dtype", "float32") as (url, _):
         model, tokenizer = minqwen2.load(tiny.path, backend="mlx", dtype="float32")
         ids = chat_ids(tiny, MESSAGES)
         expected = "".join(r.text for r in minqwen2.generate(model, tokenizer, ids, max_tokens=8))
@@ -685,9 +674,6 @@ def test_the_mlx_backend_runs_on_the_model_thread(tiny):
         assert out.choices[0].message.content == expected
         stream = c.chat.completions.create(model=tiny.name, messages=MESSAGES, max_tokens=8, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == expected
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=TIMEOUT)
 
 
 def test_a_non_loopback_host_without_a_key_is_warned_about(tmp_path):
