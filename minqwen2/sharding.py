@@ -44,16 +44,26 @@ the logits at every token; the plan shows what replication costs.
 The split kinds of a tensor (:func:`split_kind`) and the pieces of each rank
 (:func:`rank_slices`) are functions of the tensor's name and the config alone, so every
 rank computes the same layout without talking to the others.
+
+Below the rule: one MLP split by hand in NumPy (:func:`mlp_shard`,
+:func:`tensor_parallel_mlp`: simulated ranks, the identity above in a few lines, which
+lesson 15 and its exercise build), what travels between the ranks per token
+(:func:`all_sum_bytes`, :func:`ring_send_bytes`) and the decode speed that implies
+(:func:`decode_estimate`), then the memory plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
-from minqwen2.checkpoint import GROUP_SIZE, Shapes, checkpoint_tensors, total_bytes
+import numpy as np
+
+from minqwen2.checkpoint import DTYPE_BYTES, GROUP_SIZE, Shapes, checkpoint_tensors, total_bytes
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
+from minqwen2.mlp import MLP
 
 SplitKind = Literal["rows", "columns", "experts", "replicated"]
 
@@ -192,6 +202,135 @@ def rank_weight_bytes(
     return total_bytes(shapes, dtype, bits), total_bytes(replicated, dtype, bits)
 
 
+# ----------------------------------------------------------------------------- one MLP by hand
+
+
+def mlp_shard(
+    weights: Mapping[str, np.ndarray], ranks: int, rank: int, unit: int = GROUP_SIZE
+) -> dict[str, np.ndarray]:
+    """Rank ``rank``'s part of one SwiGLU MLP (``mlp.MLP``'s weights, HF names): its slice
+    of the F hidden units, the ``rank``-th piece of ``split_sizes(F, ranks, unit)``.
+
+    ``gate_proj`` and ``up_proj`` ``(F, C)`` keep those *rows* (the rank computes its hidden
+    units whole), ``down_proj`` ``(C, F)`` the same *columns* (the rank's hidden units are
+    the inputs it can multiply). ``unit``: the pieces are whole groups of 64 by default, as
+    :func:`rank_slices` cuts ``intermediate_size``; 1 cuts anywhere. Views, not copies.
+    """
+    F = weights["gate_proj.weight"].shape[0]
+    sizes = split_sizes(F, ranks, unit)
+    start = sum(sizes[:rank])  # the hidden units of the ranks before this one
+    mine = slice(start, start + sizes[rank])
+    return {
+        "gate_proj.weight": weights["gate_proj.weight"][mine],  # (F_r, C): rows
+        "up_proj.weight": weights["up_proj.weight"][mine],  # (F_r, C): rows
+        "down_proj.weight": weights["down_proj.weight"][:, mine],  # (C, F_r): columns
+    }
+
+
+def tensor_parallel_mlp(
+    weights: Mapping[str, np.ndarray], x: np.ndarray, ranks: int, unit: int = GROUP_SIZE
+) -> np.ndarray:
+    """What each of ``ranks`` simulated ranks computes for the MLP on ``x (..., C)``: its
+    partial output, stacked ``(ranks, ..., C)``. The all-reduce is their sum over axis 0,
+    which is ``MLP(weights)(x)`` up to float32 round-off (Megatron's identity: no rank ever
+    needs another's hidden units)::
+
+        rank r:    h_r = silu(x G_rᵀ) · (x U_rᵀ)        (..., F_r)  its rows of gate and up
+                   y_r = h_r D_rᵀ                      (..., C)    its columns of down
+        all_sum:   y = Σ_r y_r = h Dᵀ                   (..., C)
+
+    Each rank runs the package's own ``MLP`` on its shard (:func:`mlp_shard`).
+    """
+    return np.stack([MLP(mlp_shard(weights, ranks, r, unit))(x) for r in range(ranks)])  # (ranks, ..., C)
+
+
+# ----------------------------------------------------------------------------- what travels per token
+
+
+def all_sum_bytes(config: Qwen2Config, tokens: int = 1, dtype: str = "bfloat16") -> int:
+    """Bytes of the arrays a split model all-sums in one forward pass over ``tokens`` new
+    tokens (batch times length): ``2 · L · tokens · C · bytes``.
+
+    Two ``(tokens, C)`` sums per layer, whatever the split: after ``o_proj``, and after
+    ``down_proj`` (a MoE block adds its routed experts and its shared expert first, then
+    sums once). The arrays are activations, in the model's ``dtype`` (a 4-bit model's
+    activations are still bfloat16). Nothing else crosses: the embedding, norms, router and
+    ``lm_head`` are whole on every rank, so every rank computes the same logits.
+    """
+    return 2 * config.num_hidden_layers * tokens * config.hidden_size * DTYPE_BYTES[dtype]
+
+
+def ring_send_bytes(nbytes: int, ranks: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of an ``nbytes`` array: ``2 (N - 1) / N ·
+    nbytes``.
+
+    MLX's ring backend (``mlx/distributed/ring/ring.cpp``, ``all_reduce_impl``) cuts the
+    array into N segments and runs N - 1 steps of *reduce-scatter* (send one segment to the
+    neighbour, add the one received) and N - 1 of *all-gather* (pass the finished segments
+    on): 2 (N - 1) steps of ``nbytes / N`` each, one after the other. Two ranks send the
+    whole array once each (half, then the other half); many ranks approach twice the array.
+    """
+    return 2 * (ranks - 1) / ranks * nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeEstimate:
+    """The seconds one decoded token takes on rank 0, by cause: a ceiling, with every
+    bandwidth fully used and nothing overlapped (the ranks read, then talk)."""
+
+    ranks: int
+    memory: float  # reading the rank's weights (and its KV cache) once
+    wire: float  # the all-sums' bytes over the link
+    latency: float  # the all-sums' 2 (N - 1) steps, each waiting `step_latency`
+
+    @property
+    def seconds(self) -> float:
+        return self.memory + self.wire + self.latency
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1 / self.seconds
+
+
+def decode_estimate(
+    config: Qwen2Config,
+    ranks: int,
+    *,
+    memory_bandwidth: float,
+    link_bandwidth: float = float("inf"),
+    step_latency: float = 0.0,
+    dtype: str = "bfloat16",
+    bits: int | None = None,
+    context: int = 0,
+) -> DecodeEstimate:
+    """The decode speed a ``ranks``-way split can reach, computed, not measured.
+
+    Decoding is memory-bound: each token reads every weight once (lesson 07), so one rank
+    needs ``weights / memory_bandwidth`` (rank 0's weights: :func:`rank_weight_bytes`, its
+    KV heads' cache for ``context`` tokens). Split, each of the 2 L all-sums of one token
+    then runs 2 (N - 1) ring steps (:func:`ring_send_bytes`), each costing ``step_latency``
+    plus its segment over the link::
+
+        t = W_r / B_mem  +  2 L · 2 (N - 1) · (step_latency + C · b / N / B_link)
+
+    Bandwidths in bytes per second, ``step_latency`` in seconds (one message between
+    neighbours: the software stack, not the cable, sets it).
+    """
+    from minqwen2.memory import kv_cache_bytes_per_token
+
+    weights, _ = rank_weight_bytes(config, ranks, 0, dtype, bits)
+    kv = kv_cache_bytes_per_token(rank_config(config, ranks, 0), DTYPE_BYTES[dtype]) * context  # its KV heads
+    all_sums = 2 * config.num_hidden_layers  # per token
+    steps = 2 * (ranks - 1)  # per all-sum
+    segment = config.hidden_size * DTYPE_BYTES[dtype] / ranks  # bytes per step
+    return DecodeEstimate(
+        ranks=ranks,
+        memory=(weights + kv) / memory_bandwidth,
+        wire=all_sums * steps * segment / link_bandwidth,
+        latency=all_sums * steps * step_latency,
+    )
+
+
 # ----------------------------------------------------------------------------- the memory plan
 
 #: The share of a Mac's RAM that MLX may keep wired for the GPU by default: macOS's
@@ -237,7 +376,6 @@ def rank_plan(
     ``chunk_size`` (default: ``generate.PREFILL_CHUNK_SIZE``). The KV cache and the
     activations are ``minqwen2.memory``'s single-process formulas on the rank's own heads
     and widths (:func:`rank_config`); the router's logits stay full-width on every rank."""
-    from minqwen2.checkpoint import DTYPE_BYTES
     from minqwen2.generate import PREFILL_CHUNK_SIZE
     from minqwen2.memory import RUNTIME_BYTES, forward_calls, kv_cache_bytes, mlx_activation_bytes
 

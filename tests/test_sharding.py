@@ -15,6 +15,7 @@ shard off by one column, the wrong heads on a rank) are O(1).
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given
@@ -23,20 +24,27 @@ from hypothesis import strategies as st
 from minqwen2.attention import Attention
 from minqwen2.checkpoint import checkpoint_tensors
 from minqwen2.config import Qwen2Config
-from minqwen2.mlp import MLP
+from minqwen2.mlp import MLP, silu
+from minqwen2.model_mlx import Qwen2Model
+from minqwen2.quantize_mlx import to_mlx
 from minqwen2.registry import REGISTRY
 from minqwen2.rope import RotaryEmbedding
 from minqwen2.sharding import (
     WORKING_SET_FRACTION,
     ShardingError,
+    all_sum_bytes,
     check_layout,
+    decode_estimate,
+    mlp_shard,
     rank_config,
     rank_plan,
     rank_shapes,
     rank_slices,
     rank_weight_bytes,
+    ring_send_bytes,
     split_kind,
     split_sizes,
+    tensor_parallel_mlp,
 )
 
 EPS32 = 2.0**-24
@@ -244,6 +252,202 @@ def test_attention_split_by_kv_groups_sums_to_the_attention(ranks):
         assert not np.allclose(parts[0], full, atol=1e-3)
 
 
+# ----------------------------------------------------------------------------- one MLP by hand (lesson 15)
+
+
+def mlp_bound(weights: dict[str, np.ndarray], x: np.ndarray, ranks: int) -> np.ndarray:
+    """How far float32 round-off can move a split MLP's summed output from the unsplit one's,
+    per output element (float64, with a factor 2 to spare).
+
+    Both sides compute the same products; what differs is how they are added up. With
+    ``γ_n = n · eps`` (the bound on reordering a float32 sum of n terms, relative to the sum
+    of their magnitudes, eps = 2⁻²⁴):
+
+    * the down projection: each side adds F products ``h_f · d_cf`` (one process in one
+      order; the ranks F_r each, then the all-sum's N - 1 additions):
+      ``γ_{F+N} · (|h| @ |D|ᵀ)``;
+    * the hidden units differ too, because each rank's gate/up product is another BLAS call
+      (another blocking of the C-term dot products): gate and up move by at most
+      ``2 γ_C (|x| @ |G|ᵀ)`` and ``2 γ_C (|x| @ |U|ᵀ)``, and h = silu(g) · u by
+      ``|silu'(g)| |u| δg + |silu(g)| δu`` (|silu'| < 1.1 everywhere), plus a few eps of
+      |h| for SiLU's own exp and divide on either side;
+      that difference goes through down: ``δh @ |D|ᵀ``.
+
+    A real mistake (a rank holding the wrong rows, down's columns not matching them, a
+    width cut unevenly) moves the output by O(1): this bound is ~1e-5 here.
+    """
+    gate, up, down = (weights[f"{n}_proj.weight"].astype(np.float64) for n in ("gate", "up", "down"))
+    F, C = gate.shape
+    x64 = x.astype(np.float64)
+    g, u = x64 @ gate.T, x64 @ up.T  # (..., F)
+    h = silu(g) * u
+    dg, du = (2 * C * EPS32 * (np.abs(x64) @ np.abs(w).T) for w in (gate, up))  # (..., F)
+    dh = 1.1 * np.abs(u) * dg + np.abs(silu(g)) * du + 4 * EPS32 * np.abs(h)
+    return 2 * ((F + ranks) * EPS32 * (np.abs(h) @ np.abs(down).T) + dh @ np.abs(down).T)
+
+
+def random_mlp(C: int, F: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {"gate_proj.weight": (F, C), "up_proj.weight": (F, C), "down_proj.weight": (C, F)}
+    return {n: (rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32) for n, s in shapes.items()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_mlp_shard_is_the_loading_rule(ranks):
+    """The NumPy split of one MLP is exactly what sharded loading reads (rank_slices): the
+    same rows of gate/up, the same columns of down, in groups of 64."""
+    config = Qwen2Config.from_dict(TP_DENSE)
+    weights = random_weights(config)
+    prefix = "model.layers.0.mlp."
+    for r in range(ranks):
+        mine = mlp_shard(sub(weights, prefix), ranks, r)
+        loaded = sub(shard(weights, config, ranks, r), prefix)
+        assert set(mine) == set(loaded)
+        for name in loaded:
+            np.testing.assert_array_equal(mine[name], loaded[name], err_msg=f"rank {r}: {name}")
+
+
+@given(
+    C=st.integers(1, 23),
+    units=st.integers(1, 9),
+    ranks=st.integers(1, 6),
+    unit=st.sampled_from([1, 3, 64]),
+)
+def test_mlp_shards_partition_the_hidden_units(C, units, ranks, unit):
+    """Rank by rank, the shards tile F: gate/up rows and down columns in rank order, in
+    pieces of whole units as even as they go (split_sizes), nothing left, nothing twice."""
+    if units < ranks:
+        return
+    F = units * unit
+    weights = random_mlp(C, F, seed=units)
+    shards = [mlp_shard(weights, ranks, r, unit) for r in range(ranks)]
+    assert [s["gate_proj.weight"].shape[0] for s in shards] == split_sizes(F, ranks, unit)
+    for name, axis in (("gate_proj.weight", 0), ("up_proj.weight", 0), ("down_proj.weight", 1)):
+        together = np.concatenate([s[name] for s in shards], axis=axis)
+        np.testing.assert_array_equal(together, weights[name], err_msg=name)
+
+
+@given(
+    C=st.integers(1, 23),
+    units=st.integers(1, 9),
+    ranks=st.integers(1, 6),
+    unit=st.sampled_from([1, 3, 64]),
+    lead=st.sampled_from([(1,), (4,), (2, 3)]),
+    seed=st.integers(0, 2**16),
+)
+def test_tensor_parallel_mlp_sums_to_the_mlp(C, units, ranks, unit, lead, seed):
+    """The all-sum of the ranks' partial outputs is the package MLP's output, within
+    ``mlp_bound`` (float32 reordering); and each rank's partial is the MLP restricted to its
+    own hidden units (the others' rows of gate/up and columns of down zeroed), so the ranks
+    did compute different parts, in rank order."""
+    if units < ranks:
+        return
+    F = units * unit
+    weights = random_mlp(C, F, seed)
+    x = np.random.default_rng(seed + 1).standard_normal((*lead, C)).astype(np.float32)
+    partials = tensor_parallel_mlp(weights, x, ranks, unit)
+    assert partials.shape == (ranks, *lead, C) and partials.dtype == np.float32
+    full = MLP(weights)(x)
+    bound = mlp_bound(weights, x, ranks)
+    assert np.all(np.abs(partials.sum(axis=0) - full) <= bound)
+    start = 0
+    for r, width in enumerate(split_sizes(F, ranks, unit)):
+        mine = slice(start, start + width)
+        only = {n: np.zeros_like(w) for n, w in weights.items()}
+        only["gate_proj.weight"][mine] = weights["gate_proj.weight"][mine]
+        only["up_proj.weight"][mine] = weights["up_proj.weight"][mine]
+        only["down_proj.weight"][:, mine] = weights["down_proj.weight"][:, mine]
+        assert np.all(np.abs(partials[r] - MLP(only)(x)) <= mlp_bound(only, x, ranks)), f"rank {r}"
+        start += width
+
+
+# ----------------------------------------------------------------------------- what travels
+
+
+def count_all_sums(monkeypatch) -> list[tuple[tuple[int, ...], int]]:
+    """Wrap ``mx.distributed.all_sum`` (looked up at every call by the MLX modules): every
+    call's shape and bytes are recorded, then the real all_sum runs."""
+    calls: list[tuple[tuple[int, ...], int]] = []
+    real = mx.distributed.all_sum
+
+    def counting(x, *args, **kwargs):
+        calls.append((tuple(x.shape), x.nbytes))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(mx.distributed, "all_sum", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["dense", "moe"])
+def test_all_sum_bytes_are_what_the_mlx_model_sums(monkeypatch, layout, dtype):
+    """The package's MLX model built with a group (here the group of one process, where
+    all_sum is the identity) calls all_sum twice per layer, on B·T·C numbers in its dtype
+    (``(B, T, C)``; a MoE block sums its ``(B·T, C)`` before reshaping): the bytes counted
+    through a wrapper are ``all_sum_bytes`` for B·T tokens, in prefill and in a cached
+    decode step, for a dense model and for a MoE one with a dense layer."""
+    config = Qwen2Config.from_dict(TP_DENSE if layout == "dense" else TP_MOE)
+    weights = {
+        name: (np.random.default_rng(7).standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        for name, shape in checkpoint_tensors(config, fused_experts=True).items()
+    }
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])  # tied
+    model = Qwen2Model(config, to_mlx(weights, getattr(mx, dtype)), dtype=getattr(mx, dtype),
+                       group=mx.distributed.init())  # fmt: skip
+    calls = count_all_sums(monkeypatch)
+    cache = model.make_cache(batch_size=2)
+    mx.eval(model(np.arange(10).reshape(2, 5), cache))  # prefill: B = 2, T = 5
+    L, C = config.num_hidden_layers, config.hidden_size
+    assert len(calls) == 2 * L and all(np.prod(shape) == 10 * C for shape, _ in calls)  # (B, T, C) or (N, C)
+    assert sum(n for _, n in calls) == all_sum_bytes(config, tokens=10, dtype=dtype)
+    calls.clear()
+    mx.eval(model(np.array([[3], [4]]), cache))  # one decode step for each sequence
+    assert (
+        sum(n for _, n in calls)
+        == all_sum_bytes(config, tokens=2, dtype=dtype)
+        == 2 * L * 2 * C * (4 if dtype == "float32" else 2)
+    )
+
+
+def test_qwen2_72b_sums_2_5_mib_per_token():
+    """distributed.py's example: 2 · 80 layers · 8192 · 2 bytes = 2.5 MiB a token in bfloat16."""
+    assert all_sum_bytes(FAMILY["qwen2-72b-instruct"], 1, "bfloat16") == 5 * 2**19
+
+
+@given(st.integers(1, 10**9), st.integers(1, 64))
+def test_ring_sends_2_n_minus_1_over_n(nbytes, ranks):
+    """Each rank's share of a ring all-reduce: none alone, the array once for two, under twice
+    the array for any N, and N of them together send 2 (N - 1) arrays: each of the N - 1
+    reduce-scatter and N - 1 all-gather steps moves N segments of nbytes / N."""
+    sent = ring_send_bytes(nbytes, ranks)
+    assert sent < 2 * nbytes and ranks * sent == pytest.approx(2 * (ranks - 1) * nbytes)
+    assert sent == {1: 0, 2: nbytes}.get(ranks, sent)
+
+
+@pytest.mark.parametrize("name, ranks", [("qwen2-72b-instruct", 2), ("qwen2-72b-instruct", 4),
+                                         ("qwen2-57b-a14b-instruct", 4), ("qwen2-7b", 1)])  # fmt: skip
+def test_decode_estimate_adds_its_three_costs(name, ranks):
+    """Each term alone (the others' resources made infinite or free) is its own formula: the
+    rank's weights and KV cache over memory bandwidth; the ring's bytes of 2L all-sums
+    (ring_send_bytes of all_sum_bytes) over the link; 2L · 2(N-1) steps of latency."""
+    config = FAMILY[name]
+    inf = float("inf")
+    only_memory = decode_estimate(config, ranks, memory_bandwidth=800e9, bits=4, context=4096)
+    weights, _ = rank_weight_bytes(config, ranks, 0, "bfloat16", 4)
+    L, K, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    kv = 2 * L * (K // ranks) * D * 2 * 4096  # a key and a value of its KV heads, bfloat16, 4,096 tokens
+    assert only_memory.memory == pytest.approx((weights + kv) / 800e9)
+    assert only_memory.wire == only_memory.latency == 0
+    only_wire = decode_estimate(config, ranks, memory_bandwidth=inf, link_bandwidth=10e9 / 8)
+    wire_bytes = ring_send_bytes(all_sum_bytes(config, 1, "bfloat16"), ranks)
+    assert only_wire.wire == pytest.approx(wire_bytes / (10e9 / 8)) and only_wire.memory == 0
+    only_latency = decode_estimate(config, ranks, memory_bandwidth=inf, step_latency=1e-4)
+    assert only_latency.latency == pytest.approx(2 * L * 2 * (ranks - 1) * 1e-4)
+    both = decode_estimate(config, ranks, memory_bandwidth=800e9, link_bandwidth=10e9 / 8, step_latency=1e-4)
+    assert both.seconds == pytest.approx(both.memory + only_wire.wire + only_latency.latency)
+    assert both.tokens_per_second == pytest.approx(1 / both.seconds)
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -285,7 +489,10 @@ def test_plan_command_shows_each_layout(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["qwen2-7b-instruct", "--context", "100000"], "--context 100000 is beyond the model's 32,768 tokens"),
+        (
+            ["qwen2-7b-instruct", "--context", "100000"],
+            "--context 100000 is beyond the model's 32,768 tokens",
+        ),
         (["qwen2-7b", "--ranks", "two"], "--ranks 'two': expected comma-separated integers >= 1"),
         (["qwen2-7b", "--ram", "0"], "--ram '0': expected comma-separated integers >= 1"),
     ],
