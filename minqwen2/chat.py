@@ -492,16 +492,18 @@ class ChatSession:
             raise ChatError(f"cannot save the conversation to {path}: {err.strerror or err}") from None
         return path
 
-    def load(self, path: str | Path) -> int:
+    def load(self, path: str | Path, text: str | None = None) -> int:
         """Replace the conversation and settings with a saved one and read it into the
         cache; return how many tokens were prefilled.
 
         The saved ``token_ids`` are compared with this model's rendering of the messages: a
         difference (another tokenizer or chat template) is reported as a notice, with the
         first position that differs, and the messages are read as this model renders them.
+        ``text``: the file's contents, when they were read already (a split chat's rank 0
+        reads the file and sends the text to the other ranks, which may not have it).
         """
         path = Path(path).expanduser()
-        data = _read_conversation(path)
+        data = _read_conversation(path, text)
         self.messages = data["messages"]
         self.sampler = Sampler(data["sampling"], data["seed"])
         self.max_tokens, self.stop = data["max_tokens"], data["stop"]
@@ -529,13 +531,22 @@ class ChatSession:
         return self._prefill_conversation()
 
 
-def _read_conversation(path: Path) -> dict[str, Any]:
-    """A saved conversation, checked: every problem names the file and the key."""
+def read_conversation_text(path: Path) -> str:
+    """A conversation file's text (a :class:`ChatError` naming the file if it cannot be read)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except OSError as err:
         raise ChatError(f"cannot read {path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise ChatError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_conversation(path: Path, text: str | None = None) -> dict[str, Any]:
+    """A saved conversation (the file at ``path``, or its ``text``), checked: every problem
+    names the file and the key."""
+    try:
+        data = json.loads(read_conversation_text(path) if text is None else text)
+    except json.JSONDecodeError as err:
         raise ChatError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
         raise ChatError(f'{path}: not a minqwen2 conversation (expected "format": "{FILE_FORMAT}")')

@@ -11,8 +11,10 @@ to work with MLX's distributed layer:
    files only its slices of each tensor (``sharding.rank_slices`` → ``weights.load_weights(
    slices=...)``, read through a memory map: about 1/N of the split weights plus what is
    replicated). With ``bits``, each rank quantizes its own float slices: a slice keeps whole
-   groups of 64 along every row (``sharding.split_sizes``), so it quantizes to exactly the
-   numbers the whole tensor would.
+   groups of 64 along every row (``sharding.split_sizes``; :func:`check_quantized_split`
+   refuses a layout where it would not), so it quantizes to exactly the numbers the whole
+   tensor would. A checkpoint stored quantized is read in the same slices of its packed
+   integers, scales and biases (``quantize_mlx.load_quantized``).
 3. **Run the same program on every rank**. The model is the package's MLX model built with a
    ``group`` (``model_mlx.py``): each attention and each MLP / MoE block computes its rank's
    share and ends with one ``mx.distributed.all_sum``. Every rank then holds the same
@@ -29,6 +31,16 @@ all-reduce sends ``2 (N - 1) / N`` of the array from each rank, so 2.5 MiB per r
 for N = 2 (about 2 ms at 10 Gb/s Ethernet, before the 160 round trips' latency, which is
 what dominates on a fast link). Prefill sends the same per token, in big messages.
 
+Rank 0 owns the terminal (or the socket)
+---------------------------------------
+``generate`` needs nothing more: its prompt is on every rank's command line. A chat and a
+server get their input on rank 0 only, so rank 0 tells the others what to do before it does
+it (:func:`broadcast`: a JSON message, as two ``all_sum``\\ s to which the other ranks add
+zeros), and they do the same on their shards: a chat's turns and its ``/commands``
+(:class:`SplitChatSession`), a server's requests and each of their steps
+(``minqwen2/server/engine.py``). Anything random is decided by rank 0 and sent (a seed),
+and at the end of each reply the ranks compare what they sampled (:func:`check_same_tokens`).
+
 Failures
 --------
 A rank that fails while loading (a missing shard file on one machine, a layout that cannot
@@ -37,12 +49,20 @@ with an agreement (:func:`agree`): every rank shares its error message, if any, 
 ``all_gather``, and every rank raises the same :class:`DistributedError` naming the ranks that
 failed. A failure later (a peer lost mid-generation) is raised with the rank's name
 (:func:`on_every_rank`); ``mlx.launch`` stops the other ranks when one exits with an error.
+Ctrl-C reaches every rank on the launcher's machine (one process group) and, over ``ssh``,
+hangs up the others: each rank ends with ``"rank r of N: interrupted"`` and exit status 130.
+(``mlx.launch``, interrupted too, stops relaying the ranks' output at once: what it prints
+is its own traceback and ``Node with rank r exited with code 130`` for each rank.)
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import sys
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,10 +70,15 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import numpy as np
 
+from minqwen2.chat import ChatError, ChatSession, read_conversation_text
+from minqwen2.checkpoint import GROUP_SIZE, checkpoint_tensors, is_quantizable
+from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
+from minqwen2.generate import GenerationResponse
 from minqwen2.model_mlx import Qwen2Model, check_options
-from minqwen2.quantize_mlx import read_config, to_mlx
-from minqwen2.sharding import rank_config, rank_slices
+from minqwen2.quantize_mlx import load_quantized, read_config, to_mlx
+from minqwen2.sampling import Sampler
+from minqwen2.sharding import ShardingError, rank_config, rank_slices, split_kind
 from minqwen2.weights import load_weights
 
 R = TypeVar("R")
@@ -122,6 +147,41 @@ def barrier(group: mx.distributed.Group) -> None:
     mx.eval(mx.distributed.all_sum(mx.array([1]), group=group))
 
 
+def broadcast(message: dict[str, Any] | None, group: mx.distributed.Group) -> dict[str, Any]:
+    """Rank 0's ``message`` (a JSON object; the other ranks pass ``None``) on every rank.
+
+    Two ``all_sum``\\ s to which the other ranks add zeros: the length of the UTF-8 JSON
+    text, then its bytes. Every rank must call it, in the same order as every other
+    collective (a rank that waits here while another runs a forward pass would pair this
+    ``all_sum`` with one of the model's).
+    """
+    data = json.dumps(message).encode() if group.rank() == 0 else b""
+    n = int(mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int64), group=group).item())
+    mine = np.frombuffer(data, dtype=np.uint8) if data else np.zeros(n, dtype=np.uint8)  # (n,)
+    text = bytes(np.array(mx.distributed.all_sum(mx.array(mine), group=group)))
+    return json.loads(text)
+
+
+def check_same_tokens(tokens: Sequence[int], group: mx.distributed.Group, what: str = "reply") -> None:
+    """Every rank generated the same ``tokens``, or every rank raises the same
+    :class:`RanksFailedError`.
+
+    The ranks compute the same logits bit for bit and sample them with the same seed, so
+    they cannot differ unless something is broken (a rank that ran other steps, other
+    settings): one ``all_gather`` of ``(count, CRC-32 of the ids)`` per reply makes sure.
+    """
+    ids = np.asarray(tokens, dtype=np.int64)  # (n,)
+    mine = np.array([ids.size, zlib.crc32(ids.tobytes())], dtype=np.int64)  # (2,)
+    every = np.array(mx.distributed.all_gather(mx.array(mine), group=group)).reshape(group.size(), 2)
+    differ = [r for r in range(group.size()) if (every[r] != every[0]).any()]
+    if differ:
+        ranks = ", ".join(map(str, differ))
+        raise RanksFailedError(
+            f"rank{'s' * (len(differ) > 1)} {ranks} of {group.size()} generated another {what} than rank 0 "
+            f"({int(every[differ[0], 0])} tokens against {int(every[0, 0])}): the ranks are out of step"
+        )
+
+
 # ----------------------------------------------------------------------------- failing together
 
 
@@ -163,23 +223,48 @@ def on_every_rank(command: Callable[[], int], group: mx.distributed.Group) -> in
 
     An error every rank agreed on (:func:`agree`) is printed by each rank, and no rank exits
     before all have printed (``mlx.launch`` stops the others at the first exit). Any other
-    error is raised as ``"rank r of N: ..."``; a peer lost mid-run says so.
+    error is raised as ``"rank r of N: ..."``; a peer lost mid-run says so. Ctrl-C ends the
+    rank with ``"rank r of N: interrupted"`` and exit status 130.
+
+    Ranks other than 0 never read stdin: their copy (``mlx.launch`` sends what is typed to
+    every rank) is closed, so the launcher stops writing to it.
     """
+    if group.rank() != 0:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), sys.stdin.fileno())
     try:
         return command()
     except RanksFailedError as err:  # agreed: every rank is here, alive
         print(f"minqwen2: error: {err}", file=sys.stderr, flush=True)
-        barrier(group)
+        try:
+            barrier(group)
+        except RuntimeError as lost:  # a rank that stopped at once (a server's rank 0): nothing to wait for
+            if not lost_peer(lost):
+                raise
         return 1
+    except KeyboardInterrupt:
+        print(f"\nminqwen2: {describe(group)}: interrupted", file=sys.stderr, flush=True)
+        return 130
     except MinQwen2Error as err:
         raise DistributedError(f"{describe(group)}: {err}") from err
     except RuntimeError as err:
-        if "[ring]" not in str(err):
+        if not lost_peer(err):
             raise
-        raise DistributedError(
-            f"{describe(group)}: lost the connection to another rank, which failed or was stopped "
-            f"(its own message says why); MLX: {err}"
-        ) from err
+        raise DistributedError(f"{describe(group)}: {explain(err)}") from err
+
+
+def lost_peer(err: BaseException) -> bool:
+    """An MLX error that says another rank went away (the ring backend's ``[ring]`` errors)."""
+    return isinstance(err, RuntimeError) and "[ring]" in str(err)
+
+
+def explain(err: BaseException) -> str:
+    """One line on why a step failed on this rank, for a message that names the rank."""
+    if lost_peer(err):
+        return (
+            "lost the connection to another rank, which failed or was stopped (its own message says why); "
+            f"MLX: {err}"
+        )
+    return str(err) if isinstance(err, MinQwen2Error) else f"{type(err).__name__}: {err}"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -197,23 +282,68 @@ def load_shard(
     """This rank's part of the HF-layout model in ``path``: an MLX :class:`Qwen2Model` built
     from ``sharding.rank_config`` and the rank's slices, with ``group`` (module docstring).
 
-    ``dtype`` and ``bits`` as ``load_mlx_model``'s; a checkpoint stored quantized
-    (``minqwen2 convert --bits``) is refused: load the float checkpoint with ``bits``.
+    ``dtype`` and ``bits`` as ``load_mlx_model``'s. A float checkpoint is read in slices and,
+    with ``bits``, each rank quantizes its own; a checkpoint stored quantized (``minqwen2
+    convert --bits``) is read in slices of its packed integers, scales and biases
+    (``quantize_mlx.load_quantized``). Either way, a layout whose slices would cut through
+    a group of 64 is refused (:func:`check_quantized_split`).
     """
     path = Path(path)
     mx_dtype = check_options(dtype, bits)
     config, stored_bits = read_config(path, long_context, context)
-    if stored_bits is not None:
+    if stored_bits is not None and bits is not None and bits != stored_bits:
         raise DistributedError(
-            f"{config.source}: the checkpoint is stored quantized ({stored_bits} bits) and cannot be "
-            "split; split the original float checkpoint with --bits instead"
+            f"{config.source}: the checkpoint is quantized to {stored_bits} bits; it cannot be loaded "
+            f"with bits={bits} (quantize the original model instead)"
         )
     N, r = group.size(), group.rank()
     mine = rank_config(config, N, r)  # a ShardingError here if the model cannot split over N
-    # mmap=False: each slice is copied out of the mapped file as it is looked up, converted
-    # (and quantized) by to_mlx and freed, as load_mlx_model does for the whole tensors.
-    shards = load_weights(path, config, mmap=False, slices=rank_slices(config, N, r))
-    return Qwen2Model(mine, to_mlx(shards, mx_dtype, bits), dtype=mx_dtype, group=group)
+    slices = rank_slices(config, N, r)
+    if stored_bits is None and bits is None:
+        # mmap=False: each slice is copied out of the mapped file as it is looked up, converted
+        # by to_mlx and freed, as load_mlx_model does for the whole tensors.
+        weights = to_mlx(load_weights(path, config, mmap=False, slices=slices), mx_dtype)
+    elif stored_bits is None:
+        check_quantized_split(config, N, bits, stored=False)
+        weights = to_mlx(load_weights(path, config, mmap=False, slices=slices), mx_dtype, bits)
+    else:
+        check_quantized_split(config, N, stored_bits, stored=True)
+        weights = load_quantized(path, config, stored_bits, mx_dtype, slices=slices)
+    return Qwen2Model(mine, weights, dtype=mx_dtype, group=group)
+
+
+def check_quantized_split(config: Qwen2Config, ranks: int, bits: int, *, stored: bool) -> None:
+    """Refuse, naming the tensor and the columns, a split whose slices would cut through the
+    groups of 64 that quantization works in.
+
+    A quantized row is cut into groups of 64 numbers, each with its own scale and bias.
+    A split by output rows (q/k/v, gate/up) or by whole experts keeps every row whole, and
+    ``sharding.split_sizes`` cuts the MLP widths in whole groups; but ``o_proj``'s input
+    columns go by heads, ``H/N · head_dim`` per rank, which need not be a multiple of 64
+    (4 heads of 16 over 2 ranks: 32). Such a slice would quantize into groups the whole
+    matrix does not have (``stored=False``: quantizing at load), or cannot be read from the
+    groups a quantized checkpoint stores (``stored=True``).
+    """
+    full = checkpoint_tensors(config, fused_experts=True)
+    for r in range(ranks):  # every rank checks every rank's slices: all give the same error
+        for name, index in rank_slices(config, ranks, r).items():
+            if split_kind(name) != "columns" or not is_quantizable(name, full[name]):
+                continue
+            c0, c1, _ = index[-1].indices(full[name][-1])
+            if c0 % GROUP_SIZE == 0 and c1 % GROUP_SIZE == 0:
+                continue
+            why = (
+                f"the checkpoint stores it in {bits}-bit groups of {GROUP_SIZE} columns, which this split "
+                "would cut through; load the float checkpoint instead"
+                if stored
+                else f"the rank's slice would not quantize ({bits} bits) in the groups of {GROUP_SIZE} "
+                "the whole matrix has; leave out --bits"
+            )
+            raise ShardingError(
+                f"{config.source}: split over {ranks} ranks, rank {r} holds columns {c0}:{c1} of {name} "
+                f"({c1 - c0} columns, not whole groups of {GROUP_SIZE}): {why}, or use a number of ranks "
+                f"that gives each a multiple of {GROUP_SIZE} columns"
+            )
 
 
 def load_distributed(
@@ -242,3 +372,120 @@ def load_distributed(
         return load_shard(path, group, **options), load_tokenizer(path)
 
     return agree(group, load, "to load the model")
+
+
+# ----------------------------------------------------------------------------- a chat on every rank
+
+
+class SplitChatSession(ChatSession):
+    """A :class:`~minqwen2.chat.ChatSession` on every rank of a split model, kept in step by rank 0.
+
+    Rank 0 owns the terminal (``minqwen2 chat --distributed``). Each call that changes the
+    conversation — :meth:`ask`, :meth:`retry`, :meth:`undo`, :meth:`reset`,
+    :meth:`set_system`, :meth:`set_param`, :meth:`load` — is first sent to the other ranks
+    (:func:`broadcast`) and then made; those ranks run :meth:`follow`, which receives each
+    call and makes it on their own session. Every rank then holds the same messages, cache
+    ids and sampler, so the same calls run the same forward passes (whose ``all_sum``\\ s
+    pair up) and sample the same tokens. What could differ between machines is settled
+    first:
+
+    * a seed: the session always has one, rank 0's (a greedy chat started without
+      ``--seed`` gets one too, for when ``/params temperature`` turns sampling on), and
+      ``/params seed none`` (fresh entropy, which each rank would draw for itself) becomes
+      a new seed drawn by rank 0 and sent;
+    * ``/load FILE``: rank 0 reads the file and sends its text (the others may not have it);
+    * the memory plan of a turn (each machine has its own free RAM): every rank checks its
+      own and all refuse the turn if one must (:func:`agree`).
+
+    ``/save`` changes nothing and runs on rank 0 alone. At the end of each reply the ranks
+    compare their tokens (:func:`check_same_tokens`); :meth:`finish` ends :meth:`follow`.
+    """
+
+    def __init__(
+        self, model: Qwen2Model, tokenizer: Any, *, group: mx.distributed.Group, **options: Any
+    ) -> None:
+        super().__init__(model, tokenizer, **options)
+        self.group = group
+        self._seed_everywhere()
+
+    # -- rank 0: send each change, then make it --------------------------------------------
+
+    def ask(self, text: str) -> Iterator[GenerationResponse]:
+        return self._everywhere("ask", text)
+
+    def retry(self) -> Iterator[GenerationResponse]:
+        return self._everywhere("retry")
+
+    def undo(self) -> int:
+        return self._everywhere("undo")
+
+    def reset(self) -> None:
+        self._everywhere("reset")
+
+    def set_system(self, text: str) -> None:
+        self._everywhere("set_system", text)
+
+    def set_param(self, name: str, value: str) -> None:
+        if name.replace("-", "_") == "seed" and value.lower() == "none":
+            value = str(secrets.randbits(32))  # one fresh seed, rank 0's, for every rank
+        self._everywhere("set_param", name, value)
+
+    def load(self, path: str | Path, text: str | None = None) -> int:
+        path = Path(path).expanduser()
+        if text is None:
+            text = read_conversation_text(path)  # fails here, on rank 0, before anything is sent
+        return self._everywhere("load", str(path), text)
+
+    def finish(self) -> None:
+        """The chat is over: the other ranks' :meth:`follow` returns."""
+        broadcast({"call": "finish", "args": []}, self.group)
+
+    def _everywhere(self, call: str, *args: Any) -> Any:
+        """Make ``ChatSession.<call>(*args)`` here; rank 0 sends it to the others first."""
+        if self.group.rank() == 0:
+            broadcast({"call": call, "args": list(args)}, self.group)
+        result = getattr(ChatSession, call)(self, *args)
+        if call == "load":
+            self._seed_everywhere()  # the file's seed may be null
+        return self._same_tokens(result) if call in ("ask", "retry") else result
+
+    def _seed_everywhere(self) -> None:
+        """Without a seed, each rank's sampler would draw its own entropy: give every rank
+        one seed, drawn by rank 0 (the same condition on every rank: all call, or none)."""
+        if self.seed is None:
+            self.sampler = Sampler(self.sampling, same_on_every_rank(secrets.randbits(32), self.group))
+
+    def _same_tokens(self, steps: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
+        tokens = []
+        for r in steps:
+            tokens.append(r.token)
+            yield r
+        check_same_tokens(tokens, self.group)  # only after a whole reply: never mid-interrupt
+
+    def _check_memory(self, ids: Sequence[int]) -> None:
+        try:
+            agree(self.group, lambda: ChatSession._check_memory(self, ids), "to plan this turn's memory")
+        except RanksFailedError as err:
+            raise ChatError(str(err)) from None  # refused on every rank: the chat goes on
+
+    # -- ranks 1 .. N-1 ----------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Make every call rank 0 sends, until it sends ``finish``.
+
+        A call that raised on rank 0 raises the same here (the sessions are the same), where
+        it is dropped: rank 0 shows it. Only an error the ranks agreed on ends the loop.
+        """
+        while True:
+            message = broadcast(None, self.group)
+            if message["call"] == "finish":
+                return
+            try:
+                result = self._everywhere(message["call"], *message["args"])
+                if message["call"] in ("ask", "retry"):
+                    for _ in result:  # the reply, token by token, as rank 0 streams it
+                        pass
+            except RanksFailedError:
+                raise
+            except MinQwen2Error:
+                continue

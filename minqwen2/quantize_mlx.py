@@ -53,8 +53,7 @@ from minqwen2.checkpoint import BITS, GROUP_SIZE, check_tensors, checkpoint_tens
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error, WeightsError
 from minqwen2.linear_mlx import QuantizedWeight, Weight
-from minqwen2.paths import read_json
-from minqwen2.weights import INDEX_FILE, SINGLE_FILE, load_weights
+from minqwen2.weights import SINGLE_FILE, TensorInfo, find_tensors, load_weights, read_tensor_slice
 
 #: MLX dtypes by name (``load(dtype=...)``).
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -232,31 +231,34 @@ def read_config(
 
 
 def load_quantized(
-    model_dir: str | Path, config: Qwen2Config, bits: int, dtype: mx.Dtype
+    model_dir: str | Path,
+    config: Qwen2Config,
+    bits: int,
+    dtype: mx.Dtype,
+    slices: Mapping[str, tuple[slice, ...]] | None = None,
 ) -> dict[str, Weight]:
     """Read the weights of a checkpoint written by :func:`save_quantized` (``read_config`` first).
 
     Nothing is quantized again. Every tensor of the schema
-    (``checkpoint_tensors(config, fused_experts=True)``) is checked before the model is
-    built: a float tensor for its shape, a quantized one (its ``.scales`` are stored) for
-    the packed width and the number of groups; errors name the file and the tensor. Float
-    tensors and the scales are cast to ``dtype`` (the packed integers are the same for
-    every dtype).
+    (``checkpoint_tensors(config, fused_experts=True)``) is checked before it is read: a
+    float tensor for its shape, a quantized one (its ``.scales`` are stored) for the packed
+    width and the number of groups; errors name the file and the tensor. Float tensors and
+    the scales are cast to ``dtype`` (the packed integers are the same for every dtype).
+
+    ``slices``: name → the part of each (logical, float) tensor to read, as for
+    ``weights.load_weights``; one rank of a split model passes ``sharding.rank_slices``
+    (``minqwen2/distributed.py``). A quantized matrix is then read as the same part of its
+    packed integers, scales and biases (:func:`stored_index`), and only those bytes are read.
     """
     model_dir = Path(model_dir)
-    tensors: dict[str, mx.array] = {}
-    where: dict[str, Path] = {}  # the file each tensor came from, for error messages
-    for f in _safetensors_files(model_dir):
-        for name, array in mx.load(str(f)).items():
-            tensors[name], where[name] = array, f
-
+    tensors = find_tensors(model_dir, packed=True)  # name -> where it is stored: headers only
     expected = checkpoint_tensors(config, fused_experts=True)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)  # HF keeps a stored head
     weights: dict[str, Weight] = {}
     for name, shape in expected.items():
-        file = where.get(name, model_dir / SINGLE_FILE)
-        weights[name] = _stored_weight(tensors, name, shape, bits, dtype, file)
+        index = (slices or {}).get(name, tuple(slice(None) for _ in shape))
+        weights[name] = _stored_weight(tensors, name, shape, index, bits, dtype, model_dir / SINGLE_FILE)
 
     used = set(expected)
     for name, w in weights.items():
@@ -273,41 +275,74 @@ def load_quantized(
     return weights
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's files: the shards of ``model.safetensors.index.json``, or ``model.safetensors``."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index, error=WeightsError).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{index}: corrupt index: expected a JSON object with a 'weight_map'")
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    if (model_dir / SINGLE_FILE).is_file():
-        return [model_dir / SINGLE_FILE]
-    raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+def stored_index(
+    index: tuple[slice, ...], shape: tuple[int, ...], bits: int
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Where ``w[index]`` lies in the stored arrays of a quantized matrix of logical ``shape``
+    ``(..., O, C)``: ``(index into packed, index into scales and biases)``.
+
+    The leading axes (experts, rows) are the same in all three arrays. Along a row, the
+    columns ``c0:c1`` are the packed words ``c0·bits/32 : c1·bits/32`` and the groups
+    ``c0/64 : c1/64``, which holds only when both ends fall on a group boundary: ``None``
+    when they do not (a part that cuts through a group cannot be read from the stored groups).
+    """
+    *lead, columns = index
+    c0, c1, step = columns.indices(shape[-1])
+    if step != 1 or c0 % GROUP_SIZE or c1 % GROUP_SIZE:
+        return None
+    per_word = 32 // bits  # numbers packed into one uint32
+    return (*lead, slice(c0 // per_word, c1 // per_word)), (*lead, slice(c0 // GROUP_SIZE, c1 // GROUP_SIZE))
 
 
 def _stored_weight(
-    tensors: Mapping[str, mx.array], name: str, shape: tuple[int, ...], bits: int, dtype: mx.Dtype, file: Path
+    tensors: Mapping[str, TensorInfo],
+    name: str,
+    shape: tuple[int, ...],
+    index: tuple[slice, ...],
+    bits: int,
+    dtype: mx.Dtype,
+    default_file: Path,
 ) -> Weight:
-    """The weight ``name`` of logical ``shape``: quantized if its ``.scales`` are stored, else float."""
+    """The part ``index`` of the weight ``name`` of logical ``shape``: quantized if its
+    ``.scales`` are stored, else float. The stored shapes are checked (from the headers)
+    before anything is read."""
 
-    def stored(*names: str) -> dict[str, mx.array]:
+    def stored(*names: str) -> dict[str, TensorInfo]:
         return {n: tensors[n] for n in names if n in tensors}
 
     stem = _stem(name)
+    file = tensors[name].file if name in tensors else default_file
     if stem + ".scales" not in tensors:
         check_tensors(stored(name), {name: shape}, str(file))
-        if not mx.issubdtype(tensors[name].dtype, mx.floating):
-            raise WeightsError(
-                f"{file}: tensor {name!r} is {tensors[name].dtype}, expected a float {list(shape)}"
-            )
-        return tensors[name].astype(dtype)
+        if tensors[name].dtype == "U32":
+            raise WeightsError(f"{file}: tensor {name!r} is U32, expected a float {list(shape)}")
+        return _read(tensors[name], index, dtype)
     what = f"{file}: the {bits}-bit, group-{GROUP_SIZE} quantization of {name!r} {list(shape)}"
     groups = (*shape[:-1], shape[-1] // GROUP_SIZE)  # (..., O, C/64): one scale and bias per group
     check_tensors(
         stored(stem + ".scales", stem + ".biases"), {stem + ".scales": groups, stem + ".biases": groups}, what
     )
-    check_tensors(stored(name), {name: (*shape[:-1], shape[-1] * bits // 32)}, what, dtype=mx.uint32)
+    check_tensors(stored(name), {name: (*shape[:-1], shape[-1] * bits // 32)}, what, dtype="U32")
+    at = stored_index(index, shape, bits)
+    if at is None:
+        c0, c1, _ = index[-1].indices(shape[-1])
+        raise WeightsError(
+            f"{what}: columns {c0}:{c1} cut through a group of {GROUP_SIZE}, so that part cannot be "
+            "read from the stored groups"
+        )
+    packed_at, groups_at = at
     return QuantizedWeight(
-        tensors[name], tensors[stem + ".scales"].astype(dtype), tensors[stem + ".biases"].astype(dtype), bits
+        _read(tensors[name], packed_at),
+        _read(tensors[stem + ".scales"], groups_at, dtype),
+        _read(tensors[stem + ".biases"], groups_at, dtype),
+        bits,
     )
+
+
+def _read(info: TensorInfo, index: tuple[slice, ...], dtype: mx.Dtype | None = None) -> mx.array:
+    """``index`` of a stored tensor as an MLX array: packed integers as they are, floats in
+    ``dtype`` (bfloat16 → float32 → ``dtype`` is exact for every dtype stored here)."""
+    array = mx.array(read_tensor_slice(info, index, copy=True))  # uint32, or float32
+    array = array if dtype is None else array.astype(dtype)
+    mx.eval(array)  # read now, so the NumPy copy is freed before the next tensor is read
+    return array

@@ -61,6 +61,11 @@ _DTYPES: dict[str, tuple[np.dtype, int]] = {
     "BF16": (np.dtype("<u2"), 2),  # raw bits; widened to float32 by bf16_to_float32
 }
 
+# Packed integers: what a quantized MLX checkpoint stores for each quantized matrix
+# (``minqwen2/quantize_mlx.py``: 32 // bits numbers to a uint32). Only its reader asks for
+# them (``packed=True``); they are read as they are, never widened to float.
+_PACKED_DTYPES: dict[str, tuple[np.dtype, int]] = {"U32": (np.dtype("<u4"), 4)}
+
 
 # --------------------------------------------------------------------------- bf16
 
@@ -93,12 +98,14 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path, *, packed: bool = False) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; read no tensor data.
 
     Raises :class:`WeightsError` for a truncated file, a corrupt header, an unsupported
-    dtype, or byte ranges that do not fit the shapes or the file.
+    dtype, or byte ranges that do not fit the shapes or the file. ``packed=True`` also
+    accepts the packed integers (``U32``) of a quantized checkpoint.
     """
+    dtypes = {**_DTYPES, **_PACKED_DTYPES} if packed else _DTYPES
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
     size = path.stat().st_size
@@ -130,13 +137,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
-        if dtype not in _DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPES)}")
+        if dtype not in dtypes:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(dtypes)}")
         info = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
-        if end - begin != info.numel * _DTYPES[dtype][1] or begin < 0:
+        if end - begin != info.numel * dtypes[dtype][1] or begin < 0:
             raise WeightsError(
                 f"{path}: corrupt header: tensor {name!r} of shape {list(shape)} {dtype} "
-                f"should span {info.numel * _DTYPES[dtype][1]} bytes, not {end - begin}"
+                f"should span {info.numel * dtypes[dtype][1]} bytes, not {end - begin}"
             )
         if end > data_size:
             raise WeightsError(
@@ -147,8 +154,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint directory: one file, or the shards of an index."""
+def find_tensors(model_dir: Path, *, packed: bool = False) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint directory: one file, or the shards of an index
+    (``packed``: as :func:`read_header`'s)."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     single = model_dir / SINGLE_FILE
@@ -165,7 +173,7 @@ def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
                     f"{index} lists shard {shard!r} (holding {len(names)} tensors, e.g. {names[0]!r}) "
                     f"but {shard_path} does not exist"
                 )
-            for name, info in read_header(shard_path).items():
+            for name, info in read_header(shard_path, packed=packed).items():
                 if weight_map.get(name) == shard:
                     tensors[name] = info
         missing = sorted(set(weight_map) - set(tensors))
@@ -176,7 +184,7 @@ def find_tensors(model_dir: Path) -> dict[str, TensorInfo]:
             )
         return tensors
     if single.is_file():
-        return read_header(single)
+        return read_header(single, packed=packed)
     pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
     hint = (
         f" (found {', '.join(pickles)}: pickle files are not loaded, since unpickling can run code; "
@@ -211,13 +219,16 @@ def read_tensor_slice(
     The stored elements are indexed in the memory-mapped file *before* they are widened,
     so only the pages under the slice are touched: one rank of a split model reads its
     shard of each tensor (``sharding.rank_slices``) and never the rest. ``copy=True``
-    copies the slice into memory of its own (no mapped pages are kept).
+    copies the slice into memory of its own (no mapped pages are kept). Packed integers
+    (``U32``, from ``read_header(packed=True)``) come back as they are stored, as uint32.
     """
-    stored, _ = _DTYPES[info.dtype]
+    packed = info.dtype in _PACKED_DTYPES
+    stored, _ = _PACKED_DTYPES[info.dtype] if packed else _DTYPES[info.dtype]
     if mmap is None:
         mmap = np.memmap(info.file, dtype=np.uint8, mode="r")
     raw = mmap[info.begin : info.end].view(stored).reshape(info.shape)[index]  # a view: nothing read yet
-    return _as_float32(np.array(raw) if copy else raw, info.dtype)
+    raw = np.array(raw) if copy else raw
+    return raw if packed else _as_float32(raw, info.dtype)
 
 
 #: Rows per slice when reading a matrix column-major: a slice (1.8 MB of a 896-wide float32

@@ -1,8 +1,10 @@
-"""One rank of a split model, for tests/test_distributed.py: ``mlx.launch -n 2 --backend ring
+"""One rank of a split model, for tests/test_distributed.py: ``mlx.launch -n N --backend ring
 python tests/distributed_worker.py SPEC.json``.
 
 SPEC is ``{"model": DIR, "out": DIR, "dtype": "float32", "bits": null, "prompt": [ids...],
-"decode_steps": n}``, and optionally ``"model_on_rank": {"1": DIR}`` (that rank's own path). Each rank loads its shard (``distributed.load_distributed``), runs the
+"decode_steps": n}``, and optionally ``"model_on_rank": {"1": DIR}`` (that rank's own path).
+DIR may be a float checkpoint (``bits``: quantize each shard at load) or one stored quantized
+(``minqwen2 convert --bits``: read in slices). Each rank loads its shard (``distributed.load_distributed``), runs the
 prompt (prefill) and ``decode_steps`` cached greedy steps, then writes ``rank<r>.npz``: the
 prefill logits ``(T, V)``, the decode logits ``(n, V)``, the greedy tokens chosen from them,
 and the tokens of the model's own device-side greedy loop (``greedy_tokens``) from the same

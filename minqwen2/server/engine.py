@@ -23,12 +23,27 @@ resends a growing conversation prefills only the new turn; any other prompt shar
 and simply rewinds further. However a generation ends (finished, cancelled, failed), the
 cache is left holding a prefix of what was fed, every layer in step, and ``cache_ids`` says
 which: nothing a request does can corrupt the cache for the next one.
+
+**Split over ranks** (``mlx.launch ... minqwen2 serve --distributed``). Rank 0 runs the
+server and this engine; every other rank runs a :class:`Follower`, with the same cache and
+the same :class:`Generation` on its shard of the model. Each model-thread operation of
+rank 0 — start a request, one step, close it — is first told to the followers
+(``distributed.broadcast``: the request's prompt ids, sampling settings and seed travel
+with "start"), so all ranks run the same forward passes in the same order and sample the
+same tokens; rank 0 alone tokenizes, talks HTTP and sees clients leave. A failure on the
+model thread that is not a refused request ends the server (:func:`fatal`): the ranks
+could no longer be in step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import math
+import os
+import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +56,7 @@ import numpy as np
 from minqwen2.chat import decode_on_cache
 from minqwen2.generate import GenerationResponse
 from minqwen2.memory import MemoryPlanError, check_memory_plan, plan_for_model
-from minqwen2.sampling import Sampler
+from minqwen2.sampling import Sampler, SamplingParams
 from minqwen2.server.protocol import APIError, Job, TokenLogprob
 
 
@@ -87,6 +102,7 @@ class Engine:
         if max_queue < 0:
             raise ValueError(f"max_queue = {max_queue} is out of range; expected an integer >= 0")
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self.group = getattr(model, "group", None)  # split over ranks: rank 0 of serve --distributed
         self.model_thread = thread or model_thread()
         # The cache is shared by every request, one at a time, and grows as needed; made on
         # the model thread (MLX: its arrays belong to that thread's stream).
@@ -122,6 +138,8 @@ class Engine:
 
     async def in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the model thread and wait for it without blocking the loop."""
+        if self.group is not None:  # split: a failure there ends the server (module docstring)
+            fn = functools.partial(fatal, self.group, fn)
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
 
     # -- a generation ----------------------------------------------------------------------
@@ -156,6 +174,14 @@ class Engine:
                 await self.in_model_thread(generation.close)
 
     def close(self) -> None:
+        if self.group is not None:  # the followers' loops end too
+            from minqwen2.distributed import lost_peer
+
+            try:
+                self.model_thread.submit(tell_followers, self.group, {"op": "quit"}).result()
+            except RuntimeError as err:  # gone already (Ctrl-C reaches every rank): nobody to tell
+                if not lost_peer(err):
+                    raise
         self.model_thread.shutdown(wait=True, cancel_futures=True)
 
 
@@ -191,15 +217,35 @@ class Generation:
     Created, stepped and closed only on the model thread (see :meth:`Engine.run`).
     """
 
-    def __init__(self, engine: Engine, job: Job) -> None:
-        model, self.tokenizer, self.job = engine.model, engine.tokenizer, job
+    def __init__(self, engine: Engine | Follower, job: Job) -> None:
+        model, self.tokenizer = engine.model, engine.tokenizer
+        self.group = getattr(model, "group", None)  # split over ranks (module docstring)
+        self.leads = self.group is not None and self.group.rank() == 0  # tells the followers first
+        if self.leads:
+            if job.seed is None:  # fresh entropy on each rank would sample differently
+                job = dataclasses.replace(job, seed=secrets.randbits(32))
+            tell_followers(self.group, {"op": "start", "job": job_to_message(job)})
+        self.job = job
         total = min(len(job.prompt_ids) + job.max_tokens, int(model.config.max_position_embeddings))
-        try:  # the memory plan for this request, before any work (minqwen2/memory.py)
+
+        def plan() -> None:  # the memory plan for this request, before any work (minqwen2/memory.py)
             check_memory_plan(
                 plan_for_model(model, total, prompt_tokens=len(job.prompt_ids), cache=engine.cache)
             )
+
+        try:
+            if self.group is None:
+                plan()
+            else:  # each rank checks its own plan, and every rank refuses if one must
+                from minqwen2.distributed import RanksFailedError, agree
+
+                try:
+                    agree(self.group, plan, "to plan the request's memory")
+                except RanksFailedError as err:
+                    raise MemoryPlanError(str(err)) from None
         except MemoryPlanError as err:
             raise APIError(400, str(err), param="max_tokens", code="insufficient_memory") from None
+        self.tokens: list[int] = []  # generated so far: compared across ranks at the end
         self.logits: np.ndarray | None = None  # the last step's raw logits (V,), for logprobs
         self.cached_tokens, self.steps = decode_on_cache(
             model, engine.cache, engine.cache_ids, job.prompt_ids, sampler=Sampler(job.sampling, job.seed),
@@ -212,16 +258,107 @@ class Generation:
 
     def step(self) -> Step | None:
         """Generate one token (the first call also prefills); ``None`` when the loop has ended."""
+        if self.leads:
+            tell_followers(self.group, {"op": "step"})
         r = next(self.steps, None)
         if r is None:
             return None
+        self.tokens.append(r.token)
         logprob = None
         if self.logits is not None and r.token not in self.tokenizer.eos_token_ids:
             logprob = token_logprobs(self.logits, r.token, self.job.logprobs)
         return Step(r, self.cached_tokens, logprob)
 
     def close(self) -> None:
+        if self.leads:
+            tell_followers(self.group, {"op": "close"})
         self.steps.close()  # decode_loop rewinds the cache; decode_on_cache updates cache_ids
+        if self.group is not None:
+            from minqwen2.distributed import check_same_tokens
+
+            check_same_tokens(self.tokens, self.group)
+
+
+# ------------------------------------------------------------------------------ split over ranks
+
+
+class Follower:
+    """Ranks 1 .. N-1 of ``serve --distributed``: rank 0's model steps, on this rank's shard.
+
+    It holds what the engine holds for the model — the model, the tokenizer, one cache and
+    the ids it holds — and :meth:`run` makes each operation rank 0 tells it, in order:
+    ``start`` (a :class:`Generation` of the request sent along), ``step``, ``close``; ``quit``
+    (the server stopped) ends the loop. A request every rank refused (its memory plan)
+    raised the same :class:`APIError` on rank 0, which answers it; nothing more comes for it.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = model.make_cache()
+        self.cache_ids: list[int] = []
+
+    def run(self) -> None:
+        from minqwen2.distributed import broadcast
+
+        generation: Generation | None = None
+        while True:
+            message = broadcast(None, self.model.group)
+            if message["op"] == "start":
+                try:
+                    generation = Generation(self, job_from_message(message["job"]))
+                except APIError:
+                    generation = None
+            elif message["op"] == "step":
+                generation.step()
+            elif message["op"] == "close":
+                generation.close()
+                generation = None
+            else:  # "quit"
+                return
+
+
+def tell_followers(group: Any, message: dict[str, Any]) -> None:
+    """Rank 0: send one operation to every follower (``distributed.broadcast``)."""
+    from minqwen2.distributed import broadcast
+
+    broadcast(message, group)
+
+
+def job_to_message(job: Job) -> dict[str, Any]:
+    """A request as JSON for the followers: every field, the sampling settings as a dict."""
+    message = dataclasses.asdict(job)
+    message["sampling"]["logit_bias"] = {str(k): v for k, v in job.sampling.logit_bias.items()}
+    return message
+
+
+def job_from_message(message: dict[str, Any]) -> Job:
+    """:func:`job_to_message` undone (JSON keys are strings: the logit-bias ids become ints again)."""
+    fields = dict(message["sampling"])
+    fields["logit_bias"] = {int(k): v for k, v in fields["logit_bias"].items()}
+    return Job(**{**message, "sampling": SamplingParams(**fields)})
+
+
+def fatal(group: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on rank 0's model thread; any failure but a refused request ends the process.
+
+    A step that failed on one rank leaves the ranks out of step (the others may be waiting in
+    an ``all_sum`` this rank will never join), so the server cannot go on: the reason is
+    printed, naming the rank, and the process exits at once (``os._exit``: the web server's
+    threads are not waited for); ``mlx.launch`` then stops the other ranks.
+    """
+    try:
+        return fn(*args)
+    except APIError:
+        raise
+    except BaseException as err:  # noqa: BLE001 (every failure: the ranks must stop together)
+        from minqwen2.distributed import describe, explain
+
+        print(
+            f"minqwen2: error: {describe(group)}: {explain(err)}; the server stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprob:

@@ -7,6 +7,12 @@ as they arrive — rendered as Markdown by rich on a terminal, plain text into a
 
 Ctrl-C while a reply streams stops it (the session keeps the partial reply); Ctrl-C at the
 prompt asks before leaving; Ctrl-D leaves.
+
+Split over ranks (``mlx.launch ... minqwen2 chat --distributed``), this app runs on rank 0
+around a :class:`~minqwen2.distributed.SplitChatSession` (``split=True``), which sends each
+change of the conversation to the other ranks. Its terminal is then mlx.launch's: stdin and
+stdout are pipes to the launcher, whose terminal echoes what is typed (so the app does not)
+and whose Ctrl-C reaches every rank at once: Ctrl-C ends the chat, on every rank.
 """
 
 from __future__ import annotations
@@ -97,13 +103,18 @@ class ChatApp:
     with ``markdown=False`` or when stdout is a pipe or a file they are written as plain
     text. When stdin is not a terminal (a script piped in), each message read is echoed
     after its prompt, so the output reads as a transcript.
+
+    ``split``: rank 0 of a split model (module docstring): no echo, and Ctrl-C or an error
+    the ranks agreed on (``distributed.RanksFailedError``) ends the chat instead of being
+    reported and survived.
     """
 
     def __init__(self, session: ChatSession, *, console: Any = None, markdown: bool = True,
-                 description: str = "", input_fn: Callable[[str], str] = input) -> None:  # fmt: skip
+                 description: str = "", input_fn: Callable[[str], str] = input, split: bool = False) -> None:  # fmt: skip
         from rich.console import Console
 
         self.session = session
+        self.split = split
         self.console = console or Console(highlight=False)
         self.markdown = markdown and self.console.is_terminal
         self.description = description  # "qwen2.5-coder-0.5b-instruct (numpy, float32)"
@@ -140,7 +151,10 @@ class ChatApp:
         self.say_sampling()
         if s.system is not None:
             self.say(f"system: {s.system}", "dim")
-        self.say("Type /help for the commands. Ctrl-C stops a reply, Ctrl-D quits.", "dim")
+        if self.split:
+            self.say("Type /help for the commands. /quit leaves; Ctrl-C stops every rank.", "dim")
+        else:
+            self.say("Type /help for the commands. Ctrl-C stops a reply, Ctrl-D quits.", "dim")
 
     def say_sampling(self) -> None:
         s = self.session
@@ -207,7 +221,7 @@ class ChatApp:
     def run(self) -> int:
         import sys
 
-        self.echo_input = self.input is input and not sys.stdin.isatty()
+        self.echo_input = self.input is input and not sys.stdin.isatty() and not self.split
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 (imported for its effect: line editing and history in input())
         self.banner()
@@ -218,6 +232,7 @@ class ChatApp:
                 self.console.file.write("\n")
                 return 0
             except KeyboardInterrupt:
+                self.end_if_split()
                 if self.confirm_quit():
                     return 0
                 continue
@@ -231,6 +246,7 @@ class ChatApp:
             try:
                 self.stream(functools.partial(self.session.ask, text))
             except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+                self.end_if_split()
                 self.notice("interrupted")
 
     def command(self, line: str) -> bool:
@@ -247,10 +263,23 @@ class ChatApp:
             else:
                 run(rest.strip())
         except MinQwen2Error as err:
+            self.end_if_split(err)
             self.error(str(err))
         except KeyboardInterrupt:
+            self.end_if_split()
             self.notice("interrupted")
         return True
+
+    def end_if_split(self, err: MinQwen2Error | None = None) -> None:
+        """On rank 0 of a split model, re-raise Ctrl-C (``err`` None) or an error every rank
+        raised: the ranks stop together. Otherwise do nothing, and the caller reports it.
+        (Called in an ``except`` block, where a bare ``raise`` re-raises what it handles.)"""
+        if not self.split:
+            return
+        from minqwen2.distributed import RanksFailedError  # (MLX: a split chat has it loaded)
+
+        if err is None or isinstance(err, RanksFailedError):
+            raise
 
     # -- the commands: each gets the rest of its line ------------------------------------------
 
@@ -334,6 +363,7 @@ class ChatApp:
         try:
             steps = start()
         except MinQwen2Error as err:
+            self.end_if_split(err)
             self.error(str(err))
             return
         with contextlib.closing(steps):  # an interrupted reply still joins the history
@@ -355,6 +385,7 @@ class ChatApp:
                 text += r.text
         except KeyboardInterrupt:
             out.write("\n")
+            self.end_if_split()
             return True
         if not text.endswith("\n"):
             out.write("\n")
@@ -377,6 +408,7 @@ class ChatApp:
                         live.update(tail)  # the first text replaces the spinner
                     tail.text += r.text  # the live view re-renders it at its next refresh
             except KeyboardInterrupt:
+                self.end_if_split()
                 interrupted = True
         if tail.text:
             self.console.print(Markdown(tail.text))

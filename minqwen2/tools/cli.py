@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -69,6 +70,7 @@ def _add_generation_commands(sub: Any) -> None:
         "turn reads only its new tokens. Type /help in the chat for the commands.",
     )
     p.add_argument("--plain", action="store_true", help="print replies as plain text, not rendered Markdown")
+    add_distributed_flag(p, "chat")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
@@ -80,12 +82,7 @@ def _add_generation_commands(sub: Any) -> None:
     )
     p.add_argument("--prompt", help="the prompt (default: read it from stdin)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="split the model over the ranks mlx.launch started (MLX backend; rank 0 prints), e.g. "
-        "`mlx.launch -n 2 --backend ring minqwen2 generate --distributed --prompt ...`",
-    )
+    add_distributed_flag(p, "generate --prompt ...")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -196,6 +193,26 @@ def add_long_context_flags(parser: Any) -> None:
 
 
 # ------------------------------------------------------------------ generate (and chat)
+
+
+def add_distributed_flag(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--distributed`` (``chat``, ``generate``, ``serve``): run as one rank of a split model."""
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the model over the ranks mlx.launch started (MLX backend; rank 0 owns the terminal), "
+        f"e.g. `mlx.launch -n 2 --backend ring minqwen2 {example} --distributed`",
+    )
+
+
+def run_distributed(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """``command()`` as one rank of the group ``mlx.launch`` started (``--distributed``):
+    the MLX backend, and errors that name the rank (``distributed.on_every_rank``)."""
+    from minqwen2.distributed import init, on_every_rank
+
+    if args.backend == "numpy":
+        raise MinQwen2Error("--distributed runs the MLX backend; it cannot be used with --backend numpy")
+    return on_every_rank(command, init())
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -329,16 +346,13 @@ def load_for_generation(args: argparse.Namespace, command: str) -> Loaded:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.distributed:
         return _generate(args)
-    from minqwen2.distributed import init, on_every_rank
     from minqwen2.sampling import GenerationError
 
-    if args.backend == "numpy":
-        raise GenerationError("--distributed runs the MLX backend; it cannot be used with --backend numpy")
     if args.prompt is None:  # mlx.launch never closes the ranks' stdin: reading it would not end
         raise GenerationError(
             "--distributed needs --prompt TEXT (the ranks cannot read the prompt from stdin)"
         )
-    return on_every_rank(lambda: _generate(args), init())
+    return run_distributed(args, lambda: _generate(args))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -376,9 +390,10 @@ def _generate(args: argparse.Namespace) -> int:
         run.model, tokenizer, prompt_ids, max_tokens=args.max_tokens, sampling=sampling, seed=run.seed,
         stop=args.stop,
     )  # fmt: skip
-    last_char = ""
+    last_char, tokens = "", []
     try:
         for r in steps:
+            tokens.append(r.token)
             if r.text:
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
@@ -388,6 +403,10 @@ def _generate(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `minqwen2 generate ... | head -3` closed the pipe: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    if group is not None:  # every rank sampled the same reply (or every rank says it did not)
+        from minqwen2.distributed import check_same_tokens
+
+        check_same_tokens(tokens, group)
 
     reason = r.finish_reason
     if reason == "eos":
@@ -403,20 +422,39 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.distributed:
+        return run_distributed(args, lambda: _chat(args))
+    return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from minqwen2.chat import ChatSession
     from minqwen2.loader import default_backend
     from minqwen2.tools.chat_app import ChatApp
 
     run = load_for_generation(args, "chat")
-    session = ChatSession(
-        run.model, run.tokenizer, system=args.system, sampling=run.sampling, seed=run.seed,
-        max_tokens=args.max_tokens, stop=args.stop,
-    )  # fmt: skip
-    backend = args.backend or default_backend()
+    options = dict(system=args.system, sampling=run.sampling, seed=run.seed, max_tokens=args.max_tokens,
+                   stop=args.stop)  # fmt: skip
+    group = getattr(run.model, "group", None)  # None: one process
+    if group is None:
+        session = ChatSession(run.model, run.tokenizer, **options)
+    else:  # every rank holds the conversation; rank 0 owns the terminal and sends each change
+        from minqwen2.distributed import SplitChatSession
+
+        session = SplitChatSession(run.model, run.tokenizer, group=group, **options)
+        if group.rank() != 0:
+            session.follow()
+            return 0
+    backend = "mlx" if group is not None else args.backend or default_backend()
     dtype = args.dtype or ("float32" if backend == "numpy" else "bfloat16")
     bits = f", {args.bits}-bit" if args.bits else ""
-    app = ChatApp(session, markdown=not args.plain, description=f"{run.path.name} ({backend}, {dtype}{bits})")
-    return app.run()
+    split = f", split over {group.size()} ranks" if group is not None else ""
+    description = f"{run.path.name} ({backend}, {dtype}{bits}{split})"
+    app = ChatApp(session, markdown=not args.plain, description=description, split=group is not None)
+    code = app.run()
+    if group is not None:
+        session.finish()  # /quit or the end of the input: the other ranks' follow() returns
+    return code
 
 
 # ------------------------------------------------------------------ convert, install-default, download

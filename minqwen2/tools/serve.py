@@ -7,6 +7,10 @@ Safety by default: the server listens on the loopback address only (127.0.0.1: t
 machine alone can connect); ``--host 0.0.0.0`` opens it to the network, with a warning
 when no ``--api-key`` protects it. Browsers on other web origins cannot call it unless
 ``--cors-origin`` names them.
+
+``--distributed`` (``mlx.launch ... minqwen2 serve --distributed``): every rank loads its
+shard; rank 0 serves HTTP and the others follow its model steps
+(``server/engine.py``'s ``Follower``) until it stops.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ DEFAULT_PORT = 8080
 
 def add_serve_command(sub: Any) -> None:
     """Register ``minqwen2 serve`` on the CLI's subparsers."""
-    from minqwen2.tools.cli import add_model_flags
+    from minqwen2.tools.cli import add_distributed_flag, add_model_flags
 
     p = sub.add_parser(
         "serve",
@@ -34,6 +38,7 @@ def add_serve_command(sub: Any) -> None:
         "queue. Needs the serve extra: pip install 'minqwen2[serve]'.",
     )
     add_model_flags(p)  # --model, --backend, --dtype, --bits, --long-context, --context
+    add_distributed_flag(p, "serve")
     g = p.add_argument_group("server")
     g.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
@@ -72,6 +77,14 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.distributed:
+        from minqwen2.tools.cli import run_distributed
+
+        return run_distributed(args, lambda: _serve(args))
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
@@ -91,7 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MinQwen2Error(f"--max-tokens {args.max_tokens} is out of range; expected an integer >= 1")
     if not 0 <= args.port <= 65535:
         raise MinQwen2Error(f"--port {args.port} is out of range; expected 0-65535")
-    if not is_loopback(args.host) and not args.api_key:
+    follower = False  # a rank other than 0 of serve --distributed: no web server
+    if args.distributed:
+        from minqwen2.distributed import init
+
+        follower = init().rank() != 0
+    if not is_loopback(args.host) and not args.api_key and not follower:
         print(
             f"minqwen2: warning: --host {args.host} accepts connections from other machines and no "
             "--api-key is set: anyone who can reach this port can use the model",
@@ -100,9 +118,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     if not (path / "tokenizer.json").is_file():
         raise MinQwen2Error(f"{path} has no tokenizer.json; `minqwen2 serve` needs one")
+    if follower:  # loaded and run on this thread; it makes rank 0's model steps until rank 0 stops
+        from minqwen2.server.engine import Follower
+
+        Follower(*load_with_progress(args, path)).run()
+        return 0
     thread = model_thread()  # the model is loaded on the thread that will run it (MLX needs that)
     model, tokenizer = thread.submit(load_with_progress, args, path).result()
-    backend = args.backend or default_backend()
+    backend = "mlx" if args.distributed else args.backend or default_backend()
     dtype = args.dtype or ("float32" if backend == "numpy" else "bfloat16")
     bits = f"-{args.bits}bit" if args.bits else ""
     app = build_app(
@@ -111,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=args.cors_origin, thread=thread,
     )  # fmt: skip
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
-    print(f"minqwen2: serving {path.name} ({backend}, {dtype}{bits}): chat page {url}/, API {url}/v1",
+    split = f", split over {model.group.size()} ranks" if args.distributed else ""
+    print(f"minqwen2: serving {path.name} ({backend}, {dtype}{bits}{split}): chat page {url}/, API {url}/v1",
           file=sys.stderr)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
