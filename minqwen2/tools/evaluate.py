@@ -1,4 +1,11 @@
-"""``minqwen2 eval``: evaluations of a model. For now one: ``minqwen2 eval niah``.
+"""``minqwen2 eval``: evaluations of a model: ``eval perplexity`` and ``eval niah``.
+
+``minqwen2 eval perplexity`` scores a text: cross-entropy, perplexity and bits per byte with
+strided windows (``minqwen2/perplexity.py``; the command is ``minqwen2/tools/perplexity.py``)::
+
+    minqwen2 eval perplexity [--model M] [--backend numpy|mlx] [--dtype D] [--bits 4|8]
+                             [--text FILE] [--max-tokens N] [--window 1024] [--stride 512]
+                             [--no-prefix] [--json OUT]
 
 ``minqwen2 eval niah`` is the needle-in-a-haystack test of ``minqwen2/tools/niah.py``, on a
 grid of prompt lengths × needle depths × seeds::
@@ -41,9 +48,13 @@ def add_eval_command(sub: Any) -> None:
     """Register ``eval`` (with its subcommand ``niah``) on the CLI's subparsers object."""
     from minqwen2.tools.cli import add_model_flags
 
-    p = sub.add_parser("eval", help="evaluate a model: needle in a haystack (`eval niah`)")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model: perplexity on a text (`eval perplexity`), needle in a haystack (`eval niah`)",
+    )
     evaluations = p.add_subparsers(dest="evaluation", metavar="EVALUATION")
     evaluations.required = True
+    _add_perplexity_command(evaluations)
 
     n = evaluations.add_parser(
         "niah",
@@ -78,6 +89,50 @@ def add_eval_command(sub: Any) -> None:
                    help="folder for the JSON and the heatmap (default: benchmarks/results)")  # fmt: skip
     g.add_argument("--no-plot", action="store_true", help="skip the heatmap (which needs matplotlib)")
     n.set_defaults(func=cmd_eval_niah)
+
+
+def _add_perplexity_command(evaluations: Any) -> None:
+    from minqwen2.tools.cli import add_model_flags
+    from minqwen2.tools.perplexity import DEFAULT_STRIDE, DEFAULT_WINDOW, SHIPPED_TEXT_TOKENS
+
+    p = evaluations.add_parser(
+        "perplexity",
+        help="cross-entropy, perplexity and bits per byte of a text, with strided windows",
+        description="Score a text with the model: the negative log-likelihood of every token given "
+        "the ones before it, in windows of --window tokens that move --stride tokens at a time (each "
+        "window scores only the tokens no earlier one scored). Prints the tokens scored, the mean NLL, "
+        "the perplexity and the bits per byte. On the NumPy backend, --dtype bfloat16|float16 and "
+        "--bits 4|8 run the weights as MLX stores them, dequantized to float32.",
+    )
+    add_model_flags(p)  # --model, --backend, --dtype, --bits, --long-context, --context
+    # Here NumPy runs --dtype and --bits too (the weights as MLX stores them): say so in --help.
+    numpy_too = {
+        "dtype": "MLX: the compute dtype (default bfloat16); NumPy: the weights rounded to it, float32 arithmetic",
+        "bits": "quantize the weights, group size 64 (MLX; NumPy: quantized, dequantized, run in float32)",
+    }
+    for action in p._actions:
+        action.help = numpy_too.get(action.dest, action.help)
+    g = p.add_argument_group("text and windows")
+    g.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: the shipped Jane Austen text, "
+                   "minqwen2/data/austen.txt.gz)")  # fmt: skip
+    g.add_argument("--max-tokens", type=int, metavar="N", help="score the first N tokens of the text "
+                   f"(default: all of --text FILE; {SHIPPED_TEXT_TOKENS:,} of the shipped text)")  # fmt: skip
+    g.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="W",
+                   help=f"tokens the model reads at once (default: {DEFAULT_WINDOW}; at most the context)")  # fmt: skip
+    g.add_argument("--stride", type=int, default=DEFAULT_STRIDE, metavar="S",
+                   help=f"tokens between window starts, <= --window (default: {DEFAULT_STRIDE}); "
+                   "every token after the first window gets at least W - S tokens of context")  # fmt: skip
+    g.add_argument("--no-prefix", action="store_true", help="do not put <|endoftext|> before the text "
+                   "(its first token is then not scored)")  # fmt: skip
+    g.add_argument("--json", metavar="OUT", help="write the settings, the results, the machine and "
+                   "every token's NLL to this JSON file")  # fmt: skip
+
+    def run(args: argparse.Namespace) -> int:
+        from minqwen2.tools.perplexity import cmd_eval_perplexity
+
+        return cmd_eval_perplexity(args)
+
+    p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------ flags → grid
