@@ -176,3 +176,24 @@ assert bad.stage == "layer 5 attention"
 #
 # Then break something on purpose — transpose `o_proj_weight` of one layer (it is square in
 # the 0.5B model), or swap `cos` and `sin` — and watch which stage the debugger names.
+#
+# ## Exercise 06, second part: the whole forward pass
+#
+# Open `lessons/exercises/06_model.py` and write `Qwen2Model.__call__`: the formula above,
+# top to bottom — check the ids, take the positions from the cache's offset, compute `cos`
+# and `sin` once, look up the embeddings, run every layer with its own layer cache, the
+# final norm, then the head. This is the glue that turns your components into a model; with
+# it, every piece of lesson 06's forward pass is yours (the capstone, in
+# [the course README](README.md), runs it on the real model).
+#
+# *Hint:* with `last_only`, slice `x[:, -1:, :]` *before* `@ self.lm_head.T`; with a Dual
+# Chunk Attention config (`config.dual_chunk_attention`), pass `cos = sin = None`.
+#
+# **Check** (the same tests, now with your forward pass: tiny random models against HF,
+# without a cache and with one, token by token and in chunks):
+#
+# ```
+# pytest tests/test_model.py -k "logits_match_hf or reference_path or row_major or cache_whole or appending or bad_input" --exercise lessons/exercises/06_model.py
+# ```
+#
+# Both parts at once: `--exercise lessons/exercises/06_decoder.py --exercise lessons/exercises/06_model.py`.

@@ -236,3 +236,43 @@ assert np.abs(freq - target).max() < 0.05
 # ```
 # pytest tests/test_sampling.py -k top_p --exercise lessons/exercises/08_top_p.py
 # ```
+#
+# ## Exercise 08, second part: the whole chain, and the draw
+#
+# Open `lessons/exercises/08_chain.py` and write `process_logits` — the chain of this lesson
+# in HF's order, each step one call (greedy stops after the penalties) — and
+# `sample_from_logits`, the draw by inverting the cumulative distribution. Order matters:
+# the section on order above showed top-p after a temperature of 1.5 keeping many more
+# tokens than before it, and HF's tests will notice a swap.
+#
+# *Hint:* call the steps through the module (`reference.apply_top_p(...)`), so that with
+# every exercise installed your own top-p is the one in the chain.
+#
+# **Check** (HF's own processor list from `generate()`, on random settings and on real
+# `generation_config.json` defaults; the draws by their properties):
+#
+# ```
+# pytest tests/test_sampling.py -k "chain or greedy or generation_config or drawn or draws or seed or outside" --exercise lessons/exercises/08_chain.py
+# ```
+#
+# ## Exercise 08, third part: prefill and decode
+#
+# Generation is a loop (`minqwen2/generate.py`): *prefill* the prompt through the model once,
+# in chunks, filling the KV cache of lesson 07 and keeping only the last position's logits;
+# then sample a token, *decode* it (one token in, the cache grows by one), and repeat. Open
+# `lessons/exercises/08_generate.py` and write the two steps, `prefill` and `decode_step`.
+# `decode_loop`, which calls them with your sampler, is what `minqwen2.generate` and the
+# chat run: read it once your steps pass.
+#
+# *Hint:* `model(ids[None, start : start + chunk_size], cache=cache, last_only=True)` per
+# chunk; the model wants `(B, T)` ids, so one token is `np.array([[token]])`.
+#
+# **Check** (prefill in chunks of every size against one pass and against HF, decode against
+# HF's full forward, and whole greedy generations against HF's `generate`, token for token):
+#
+# ```
+# pytest tests/test_generate.py -k "prefill or decode_steps or greedy_generate or the_loop or seed or context_is_full" --exercise lessons/exercises/08_generate.py
+# ```
+#
+# With these three, every step from the logits to the printed text is yours: the capstone
+# (the course README) runs `minqwen2 chat` on them.

@@ -1,4 +1,8 @@
-"""``python -m minqwen2`` is the ``minqwen2`` command."""
+"""``python -m minqwen2`` is the ``minqwen2`` command.
+
+(``MINQWEN2_EXERCISE`` needs nothing here: the loader installs lesson exercises for every
+command that loads a model, ``minqwen2/exercises.py``.)
+"""
 
 import sys
 

@@ -13,8 +13,10 @@ references instead:
     fastpath.use_reference(True)         # for the rest of the process
     MINQWEN2_REFERENCE=1 minqwen2 ...    # for a whole run, from the environment
 
-The test fixture that checks a lesson exercise (``tests/exercise_fixture.py``) switches
-the references on, so the model runs the student's functions.
+Installing lesson exercises (``minqwen2/exercises.py``: pytest's ``--exercise``, or
+``MINQWEN2_EXERCISE`` for any process that loads a model) switches the references on, so
+the model runs the student's functions: a fast form would compute attention, SiLU or
+RMSNorm without calling them.
 
 **2. Memory layout for BLAS.** ``x @ W.T`` reads the same whatever order ``W``'s numbers
 are stored in, so the components never mention it. The order still matters for speed.

@@ -17,7 +17,12 @@ def default_backend() -> str:
 
     (MLX also runs on Linux CPUs, but its CPU backend is several times slower than NumPy's
     BLAS there, so NumPy stays the default off Apple silicon; ``backend="mlx"`` still works.)
+    With lesson exercises installed it is NumPy everywhere: that backend runs them.
     """
+    from minqwen2.exercises import installed
+
+    if installed() is not None:
+        return "numpy"
     if sys.platform == "darwin" and platform.machine() == "arm64" and _mlx_backend_available():
         return "mlx"
     return "numpy"
@@ -42,13 +47,23 @@ def load_model(
 ) -> Any:
     """Load only the model (see :func:`load`)."""
     from minqwen2.config import Qwen2Config
+    from minqwen2.exercises import install_from_environment
     from minqwen2.paths import resolve_model
 
+    # MINQWEN2_EXERCISE=lessons/exercises/: the model runs the student's components (exercises.py).
+    exercises = install_from_environment()
     path = resolve_model(model)
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise MinQwen2Error(f"backend {backend!r} is not supported; expected one of {list(BACKENDS)}")
     if backend == "mlx":
+        if exercises is not None:
+            print(
+                "minqwen2: note: the MLX backend runs its own kernels (minqwen2/*_mlx.py), which call only "
+                "a few of your exercises (the safetensors reader, RoPE's tables, the mask rule, "
+                "quantize_weight with bits); backend 'numpy' runs them all",
+                file=sys.stderr,
+            )
         if not _mlx_backend_available():
             raise MinQwen2Error(
                 "the MLX backend needs the mlx package (pip install mlx, or 'mlx[cpu]' on Linux); or use backend='numpy'"

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 # The course's exercise switch: `pytest tests/test_rmsnorm.py --exercise lessons/exercises/02_rmsnorm.py`
-# (or MINQWEN2_EXERCISE=...) runs the tests against a student's exercise; see tests/exercise_fixture.py.
-from exercise_fixture import exercise, pytest_addoption, pytest_configure, pytest_report_header  # noqa: F401, E402
+# (or MINQWEN2_EXERCISE=..., or a folder: --exercise lessons/exercises/) runs the tests against a
+# student's exercises; see tests/exercise_fixture.py (the wiring) and minqwen2/exercises.py.
+from exercise_fixture import (  # noqa: F401, E402
+    exercise,
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_itemcollected,
+    pytest_report_header,
+)
 from hypothesis import HealthCheck, settings
 
 from minqwen2.paths import default_model_dir, weights_dir

@@ -10,6 +10,9 @@ Write ``bpe_merge`` below, then check it with the same tests that check the pack
 The ``tiny`` tests train a small byte-level BPE tokenizer, then require ``bpe.py`` (now
 running your merge loop), the ``tokenizers`` library and HF's ``Qwen2Tokenizer`` to produce
 the same ids on text in 29 languages, code and edge cases.
+
+Stretch, once this passes: ``lessons/exercises/01_train_bpe.py``, training the merges
+themselves (``train_bpe``), checked against ``tokenizers``' ``BpeTrainer`` merge for merge.
 """
 
 from __future__ import annotations

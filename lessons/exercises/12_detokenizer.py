@@ -7,6 +7,9 @@ Write the two methods below (the tables are built by the package's ``__init__``)
 check them with the same tests that check the package::
 
     pytest tests/test_tokenizer.py -k stream --exercise lessons/exercises/12_detokenizer.py
+
+Stretch, once this passes: ``lessons/exercises/12_prefix_cache.py``, the chat's cache reuse
+across turns (the longest common prefix of the cache and the new conversation).
 """
 
 from __future__ import annotations

@@ -51,12 +51,14 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     raise NotImplementedError("exercise 13: write bf16_to_float32 (see lessons/13_checkpoints.py)")
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path, *, packed: bool = False) -> dict[str, TensorInfo]:
     """Parse the header of the safetensors file ``path``; read no tensor data.
 
     Returns ``{name: TensorInfo(path, dtype, shape, begin, end)}`` for every tensor (not for
     ``__metadata__``), with ``shape`` a tuple and ``begin``/``end`` *absolute* byte positions
     in the file: the header's ``data_offsets`` count from the first byte after the header.
+    ``packed``: the package's loader of checkpoints stored quantized passes ``True`` to accept
+    their packed ``U32`` integers too; the tests never set it, so you may ignore it.
 
     Stretch (the package's error tests; run them with ``-k "truncated or corrupt or header_length
     or unsupported_dtype"`` in the command above): raise ``WeightsError`` naming the file when it
