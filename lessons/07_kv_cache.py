@@ -311,3 +311,20 @@ else:
 # ```
 # pytest tests/test_kv_cache.py --exercise lessons/exercises/07_kv_cache.py
 # ```
+#
+# **Stretch: the rolling cache of a sliding-window layer.** A sliding-window layer's query
+# at position q sees only the keys of positions q − W + 1 .. q (lesson 10's window rule,
+# `causal_mask(T, S, W)`): a key W positions back is hidden from it and from every later
+# query, forever. So that layer's cache needs only the last W − 1 keys — the query brings
+# the W-th, its own — and its memory can be bounded by the window instead of growing with
+# the conversation. `lessons/exercises/07_rolling_cache.py` asks for
+# `RotatingKVCache.update` and `rewind` (mlx-lm's name; HF's `DynamicSlidingWindowLayer`):
+# a ring of W − 1 slots, token p in slot p mod (W − 1). The catch is a chunk of several
+# tokens, a prompt longer than the window say: its later keys overwrite slots its earlier
+# queries still need, so `update` hands attention the ring's keys in position order plus
+# the new ones *before* it writes into the ring. `KVCache(config, rolling=True)` puts the
+# ring in every sliding layer, and the tests require HF's logits from it, chunk by chunk:
+#
+# ```
+# pytest tests/test_kv_cache.py -k rotating --exercise lessons/exercises/07_rolling_cache.py
+# ```

@@ -59,3 +59,4 @@ class KVCache(kv_cache.KVCache):
     """
 
     layer_class = LayerKVCache
+    rotating_class = None  # the rolling sliding-window cache is NumPy only (rolling=True is refused)
