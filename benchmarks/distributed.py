@@ -40,10 +40,8 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -163,20 +161,6 @@ def worker(spec: dict) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def free_port(count: int = 2) -> int:
-    """A port p such that p .. p+count-1 are free now (the ring backend listens on p + rank)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free ports")
-
-
 def run(argv: list[str]) -> None:
     """Run ``argv`` in a session of its own; on a timeout kill all of it, then fail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -264,7 +248,9 @@ def main() -> None:
         print("single process ...", flush=True)
         run(me)
         print("two ranks: mlx.launch -n 2 --backend ring ...", flush=True)
-        run([str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_port()), *me])
+        from minqwen2.distributed import free_loopback_ports
+
+        run([str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_loopback_ports(2)), *me])
         single, *ranks = (
             json.loads((Path(tmp) / f"{n}.json").read_text()) for n in ("single", "rank0", "rank1")
         )

@@ -59,7 +59,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
+import socket
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -127,6 +129,21 @@ def size(group: mx.distributed.Group) -> int:
 def is_main(group: mx.distributed.Group | None) -> bool:
     """Rank 0, or a process that is not split: the one that prints."""
     return group is None or group.rank() == 0
+
+
+def free_loopback_ports(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free on 127.0.0.1 now: for ``mlx.launch -n
+    count --backend ring -p p`` on one machine, whose ring backend listens on p + rank."""
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise DistributedError("no free ports on 127.0.0.1 for the ring backend")
 
 
 def describe(group: mx.distributed.Group) -> str:

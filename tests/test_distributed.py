@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -60,7 +59,7 @@ from test_sharding import TP_DENSE, TP_MOE
 import minqwen2
 from minqwen2.chat import ChatSession
 from minqwen2.config import Qwen2Config
-from minqwen2.distributed import check_quantized_split
+from minqwen2.distributed import check_quantized_split, free_loopback_ports
 from minqwen2.errors import WeightsError
 from minqwen2.generate import model_defaults
 from minqwen2.linear_mlx import QuantizedWeight
@@ -80,20 +79,6 @@ TIMEOUT = 120  # seconds for one launch (two ranks importing MLX and loading a t
 RELATIVE_TOL = 1e-5  # of max|logits| (module docstring)
 
 
-def free_ports(count: int) -> int:
-    """A port p such that p .. p+count-1 are free now (the ring backend listens on p + rank)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free ports")
-
-
 def _default_sigint() -> None:
     """In the launcher, before it starts: Ctrl-C back to its default action (a test run in
     the background of a non-interactive shell has SIGINT ignored, which children inherit:
@@ -106,7 +91,16 @@ def launched(command: list[str], ranks: int = 2, stdin: str = "") -> Iterator[su
     """``mlx.launch -n ranks --backend ring COMMAND`` on 127.0.0.1, running; ``stdin`` is
     written to its input, which stays open (module docstring). On leaving, whatever is still
     running of its process group is killed, and that is a failure."""
-    argv = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "-p", str(free_ports(ranks)), *command]
+    argv = [
+        str(LAUNCH),
+        "-n",
+        str(ranks),
+        "--backend",
+        "ring",
+        "-p",
+        str(free_loopback_ports(ranks)),
+        *command,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MINQWEN2_DEBUG": ""}
     read, write = os.pipe()
     os.write(write, stdin.encode())  # small: it fits in the pipe's buffer
@@ -429,7 +423,7 @@ def test_the_end_of_rank_zeros_input_ends_every_rank(chat_model, tmp_path):
     """Ctrl-D: rank 0's stdin ends (``mlx.launch`` never closes the ranks' stdin, so the two
     ranks are started here by hand, as the launcher would: ``MLX_RANK``, ``MLX_HOSTFILE``)."""
     path, _, _ = chat_model
-    port = free_ports(2)
+    port = free_loopback_ports(2)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     argv = [
