@@ -587,9 +587,10 @@ assert 16384 < crossover < 32768
 # prefill's FLOPs. In time it weighs more than that on a CPU: its matrix products are
 # skinny (an inner dimension of D = 64) and run below the linear layers' FLOP rate, and
 # its softmax is elementwise work on every score, which NumPy does on one core. Measured
-# on our 2-core machine (`minqwen2 bench --prefill-lengths 4096,8192,16384`, NumPy,
-# attention's own time: scores, mask, softmax and `P·v`): **43 %** of a 4K prefill,
-# **56 %** of an 8K one, **71 %** of a 16K one — against 20, 33 and 50 % of the FLOPs.
+# on our 2-core machine (`minqwen2 bench --prefill-lengths 4096,8192,16384,32768`, NumPy,
+# attention's own time: scores, mask, softmax and `P·v`; benchmarks/results/prefill/):
+# **33 %** of a 4K prefill, **47 %** of an 8K one, **64 %** of a 16K one and **78 %** of a
+# 32K one — against 20, 33, 50 and 66 % of the FLOPs. The 32K prefill took 556 s.
 #
 # ## Needle in a haystack
 #
