@@ -11,7 +11,7 @@ to work with MLX's distributed layer:
    files only its slices of each tensor (``sharding.rank_slices`` → ``weights.load_weights(
    slices=...)``, read through a memory map: about 1/N of the split weights plus what is
    replicated). With ``bits``, each rank quantizes its own float slices: a slice keeps whole
-   groups of 64 along every row (``sharding.split_sizes``; :func:`check_quantized_split`
+   groups of 64 along every row (``sharding.split_sizes``; ``sharding.check_quantized_split``
    refuses a layout where it would not), so it quantizes to exactly the numbers the whole
    tensor would. A checkpoint stored quantized is read in the same slices of its packed
    integers, scales and biases (``quantize_mlx.load_quantized``).
@@ -73,14 +73,12 @@ import mlx.core as mx
 import numpy as np
 
 from minqwen2.chat import ChatError, ChatSession, read_conversation_text
-from minqwen2.checkpoint import GROUP_SIZE, checkpoint_tensors, is_quantizable
-from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
 from minqwen2.generate import GenerationResponse
 from minqwen2.model_mlx import Qwen2Model, check_options
 from minqwen2.quantize_mlx import load_quantized, read_config, to_mlx
 from minqwen2.sampling import Sampler
-from minqwen2.sharding import ShardingError, rank_config, rank_slices, split_kind
+from minqwen2.sharding import check_quantized_split, rank_config, rank_slices
 from minqwen2.weights import load_weights
 
 R = TypeVar("R")
@@ -303,7 +301,7 @@ def load_shard(
     with ``bits``, each rank quantizes its own; a checkpoint stored quantized (``minqwen2
     convert --bits``) is read in slices of its packed integers, scales and biases
     (``quantize_mlx.load_quantized``). Either way, a layout whose slices would cut through
-    a group of 64 is refused (:func:`check_quantized_split`).
+    a group of 64 is refused (``sharding.check_quantized_split``).
     """
     path = Path(path)
     mx_dtype = check_options(dtype, bits)
@@ -327,40 +325,6 @@ def load_shard(
         check_quantized_split(config, N, stored_bits, stored=True)
         weights = load_quantized(path, config, stored_bits, mx_dtype, slices=slices)
     return Qwen2Model(mine, weights, dtype=mx_dtype, group=group)
-
-
-def check_quantized_split(config: Qwen2Config, ranks: int, bits: int, *, stored: bool) -> None:
-    """Refuse, naming the tensor and the columns, a split whose slices would cut through the
-    groups of 64 that quantization works in.
-
-    A quantized row is cut into groups of 64 numbers, each with its own scale and bias.
-    A split by output rows (q/k/v, gate/up) or by whole experts keeps every row whole, and
-    ``sharding.split_sizes`` cuts the MLP widths in whole groups; but ``o_proj``'s input
-    columns go by heads, ``H/N · head_dim`` per rank, which need not be a multiple of 64
-    (4 heads of 16 over 2 ranks: 32). Such a slice would quantize into groups the whole
-    matrix does not have (``stored=False``: quantizing at load), or cannot be read from the
-    groups a quantized checkpoint stores (``stored=True``).
-    """
-    full = checkpoint_tensors(config, fused_experts=True)
-    for r in range(ranks):  # every rank checks every rank's slices: all give the same error
-        for name, index in rank_slices(config, ranks, r).items():
-            if split_kind(name) != "columns" or not is_quantizable(name, full[name]):
-                continue
-            c0, c1, _ = index[-1].indices(full[name][-1])
-            if c0 % GROUP_SIZE == 0 and c1 % GROUP_SIZE == 0:
-                continue
-            why = (
-                f"the checkpoint stores it in {bits}-bit groups of {GROUP_SIZE} columns, which this split "
-                "would cut through; load the float checkpoint instead"
-                if stored
-                else f"the rank's slice would not quantize ({bits} bits) in the groups of {GROUP_SIZE} "
-                "the whole matrix has; leave out --bits"
-            )
-            raise ShardingError(
-                f"{config.source}: split over {ranks} ranks, rank {r} holds columns {c0}:{c1} of {name} "
-                f"({c1 - c0} columns, not whole groups of {GROUP_SIZE}): {why}, or use a number of ranks "
-                f"that gives each a multiple of {GROUP_SIZE} columns"
-            )
 
 
 def load_distributed(

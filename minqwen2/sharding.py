@@ -60,7 +60,14 @@ from typing import Literal
 
 import numpy as np
 
-from minqwen2.checkpoint import DTYPE_BYTES, GROUP_SIZE, Shapes, checkpoint_tensors, total_bytes
+from minqwen2.checkpoint import (
+    DTYPE_BYTES,
+    GROUP_SIZE,
+    Shapes,
+    checkpoint_tensors,
+    is_quantizable,
+    total_bytes,
+)
 from minqwen2.config import Qwen2Config
 from minqwen2.errors import MinQwen2Error
 from minqwen2.mlp import MLP
@@ -180,6 +187,40 @@ def rank_slices(config: Qwen2Config, ranks: int, rank: int) -> dict[str, tuple[s
         stop = start + pieces[rank][name][axis]
         slices[name] = tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(shape)))
     return slices
+
+
+def check_quantized_split(config: Qwen2Config, ranks: int, bits: int, *, stored: bool) -> None:
+    """Refuse, naming the tensor and the columns, a split whose slices would cut through the
+    groups of 64 that quantization works in.
+
+    A quantized row is cut into groups of 64 numbers, each with its own scale and bias.
+    A split by output rows (q/k/v, gate/up) or by whole experts keeps every row whole, and
+    ``sharding.split_sizes`` cuts the MLP widths in whole groups; but ``o_proj``'s input
+    columns go by heads, ``H/N · head_dim`` per rank, which need not be a multiple of 64
+    (4 heads of 16 over 2 ranks: 32). Such a slice would quantize into groups the whole
+    matrix does not have (``stored=False``: quantizing at load), or cannot be read from the
+    groups a quantized checkpoint stores (``stored=True``).
+    """
+    full = checkpoint_tensors(config, fused_experts=True)
+    for r in range(ranks):  # every rank checks every rank's slices: all give the same error
+        for name, index in rank_slices(config, ranks, r).items():
+            if split_kind(name) != "columns" or not is_quantizable(name, full[name]):
+                continue
+            c0, c1, _ = index[-1].indices(full[name][-1])
+            if c0 % GROUP_SIZE == 0 and c1 % GROUP_SIZE == 0:
+                continue
+            why = (
+                f"the checkpoint stores it in {bits}-bit groups of {GROUP_SIZE} columns, which this split "
+                "would cut through; load the float checkpoint instead"
+                if stored
+                else f"the rank's slice would not quantize ({bits} bits) in the groups of {GROUP_SIZE} "
+                "the whole matrix has; leave out --bits"
+            )
+            raise ShardingError(
+                f"{config.source}: split over {ranks} ranks, rank {r} holds columns {c0}:{c1} of {name} "
+                f"({c1 - c0} columns, not whole groups of {GROUP_SIZE}): {why}, or use a number of ranks "
+                f"that gives each a multiple of {GROUP_SIZE} columns"
+            )
 
 
 def rank_shapes(config: Qwen2Config, ranks: int, rank: int) -> Shapes:

@@ -59,14 +59,14 @@ from test_sharding import TP_DENSE, TP_MOE
 import minqwen2
 from minqwen2.chat import ChatSession
 from minqwen2.config import Qwen2Config
-from minqwen2.distributed import check_quantized_split, free_loopback_ports
+from minqwen2.distributed import free_loopback_ports
 from minqwen2.errors import WeightsError
 from minqwen2.generate import model_defaults
 from minqwen2.linear_mlx import QuantizedWeight
 from minqwen2.model_mlx import load_mlx_model
 from minqwen2.quantize_mlx import load_quantized, read_config, save_quantized
 from minqwen2.sampling import SamplingParams
-from minqwen2.sharding import ShardingError, rank_slices
+from minqwen2.sharding import ShardingError, check_quantized_split, rank_slices
 from minqwen2.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent

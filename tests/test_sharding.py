@@ -15,6 +15,9 @@ shard off by one column, the wrong heads on a rank) are O(1).
 
 from __future__ import annotations
 
+import json
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -484,6 +487,19 @@ def test_plan_command_shows_each_layout(capsys):
     code, out = run_plan(capsys, "qwen2.5-coder-0.5b-instruct", "--ranks", "4")
     cells = " ".join(out.replace("│", " ").split())  # the reason wraps inside its cell
     assert code == 0 and "cannot split: its 2 key/value heads cannot be split evenly" in cells, out
+
+
+def test_plan_command_with_bits_refuses_a_split_that_cuts_a_group(capsys, tmp_path):
+    """TP_MOE's o_proj has 4 heads of 16 columns: 2 ranks hold 32 columns each, which would not
+    quantize in groups of 64 (the loader refuses it): --bits shows that row as "cannot split",
+    while the float plan of the same split is a row of figures."""
+    (tmp_path / "config.json").write_text(json.dumps(TP_MOE))
+    code, out = run_plan(capsys, str(tmp_path), "--bits", "4", "--ranks", "1,2")
+    cells = "".join(out.replace("│", " ").split())  # the reason folds inside its cell: compare without spaces
+    assert code == 0 and "cannotsplit:rank0holdscolumns0:32ofmodel.layers.0.self_attn.o_proj.weight" in cells, out
+    assert re.search(r"│ +1 │ +[0-9.]+ GiB", out), out  # one rank: nothing is split
+    code, out = run_plan(capsys, str(tmp_path), "--ranks", "2")
+    assert code == 0 and "cannot split" not in out, out
 
 
 @pytest.mark.parametrize(

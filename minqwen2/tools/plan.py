@@ -9,13 +9,15 @@ whole, its KV cache for ``--context`` tokens (its own KV heads), the largest act
 a prefill in chunks, the runtime, the total, and whether that fits a machine of each
 ``--ram`` size: within :data:`~minqwen2.sharding.WORKING_SET_FRACTION` (75%) of its RAM,
 what macOS lets MLX keep wired by default. A layout that cannot be split (2 KV heads over 4
-ranks) is a row saying why. No weights are read: a registry name's published config is
+ranks; with ``--bits``, o_proj columns that are not whole groups of 64 per rank) is a row
+saying why. No weights are read: a registry name's published config is
 enough (``minqwen2 models`` lists them).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from minqwen2.errors import MinQwen2Error
@@ -61,7 +63,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from minqwen2.sharding import WORKING_SET_FRACTION, ShardingError, check_layout, rank_plan
+    from minqwen2.sharding import (
+        WORKING_SET_FRACTION,
+        ShardingError,
+        check_layout,
+        check_quantized_split,
+        rank_plan,
+    )
     from minqwen2.tools.models import find_config
 
     ranks_list, ram_list = _int_list(args.ranks, "--ranks"), _int_list(args.ram, "--ram")
@@ -79,14 +87,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     table = Table(title=f"{title}: {fmt}, {context:,} tokens of context, per rank (MLX)")
     for column in ("ranks", "weights", "of which replicated", "KV cache", "activations", "runtime", "total"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")  # fold: a "cannot split" reason wraps whole
     for ram in ram_list:
         table.add_column(f"fits {ram} GiB", justify="center")
     for ranks in ranks_list:
         try:
             check_layout(config, ranks)
+            if args.bits:  # o_proj's per-rank columns must be whole groups of 64 to quantize
+                check_quantized_split(config, ranks, args.bits, stored=False)
         except ShardingError as err:
-            reason = str(err).split(": ", 2)[-1].split(" (")[0].split(";")[0]  # "its 2 key/value heads ..."
+            # "its 2 key/value heads cannot be split evenly", "rank 0 holds columns 0:32 of ..."
+            reason = re.split(r"split over \d+ ranks[:,] ", str(err), maxsplit=1)[-1].split(" (")[0].split(";")[0]
             table.add_row(str(ranks), f"[dim]cannot split: {reason}[/dim]")
             continue
         plan = rank_plan(config, ranks, context=context, dtype=args.dtype, bits=args.bits)
