@@ -454,6 +454,37 @@ def test_fast_attention_equals_reference(B, K, G, D, T, cached, window, block, s
     np.testing.assert_allclose(got, expected, **TOL)
 
 
+def load_attention_variants():
+    """``benchmarks/attention_variants.py``, the variants of the fast path measured there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attention_variants.py"
+    spec = importlib.util.spec_from_file_location("attention_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", [*load_attention_variants().VARIANTS, "key tiles of 300"])
+def test_benchmarked_attention_variants_compute_attention(name):
+    """Every variant ``benchmarks/attention_variants.py`` times computes the same causal GQA
+    as the reference (so its timings compare like with like): a prefill chunk of 512
+    queries at the end of 1,000 keys; key tiles of 300 so that tiles straddle the masked
+    corner. Tolerance as for the fast path above (the same kinds of rounding shifts)."""
+    variants = load_attention_variants()
+    H, K, D, T, S = variants.H, variants.K, variants.D, variants.T, 1000
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, H, T, D), dtype=np.float32)
+    k, v = rng.standard_normal((2, 1, K, S, D), dtype=np.float32)
+    expected = grouped_query_attention(q, k, v, causal_mask(T, S), D**-0.5)  # (1, H, T, D)
+    if name == "key tiles of 300":
+        got = variants.key_tiles(q, k, v, tile=300)
+    else:
+        got = variants.VARIANTS[name](q, k, v)
+    np.testing.assert_allclose(got, expected, **TOL)
+
+
 # --------------------------------------------------------------------------- bad weights
 
 
